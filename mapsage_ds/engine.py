@@ -1,0 +1,130 @@
+"""Everything DeepSpeed: config resolution and cross-checks, engine construction.
+
+DeepSpeed JSON configs hold parallelism and precision only. Batch geometry and gradient
+clipping come from the run config and fill the ``"auto"`` fields; explicit values must agree
+with it, and every disagreement is reported in one error. The optimizer is ours (torch AdamW,
+so no fused op is compiled) and so is the learning-rate schedule.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+from torch import nn
+
+from mapsage_ds.errors import ConfigError, MissingFileError
+
+DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
+_FORBIDDEN_SECTIONS = {
+    "scheduler": "the learning-rate schedule is set by mapsage_ds (optim.*): DeepSpeed's schedulers "
+                 "overwrite per-group learning rates",
+    "optimizer": "the optimizer is built by mapsage_ds from optim.* (torch AdamW with per-group lr scales)",
+}
+
+
+def read_ds_config(name_or_path: str) -> dict[str, Any]:
+    """Read a DeepSpeed JSON config by name (``ds_configs/NAME.json``) or path."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = DS_CONFIG_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json"))
+        raise MissingFileError(
+            f"train.deepspeed='{name_or_path}': no such file, and not a config in {DS_CONFIG_DIR} "
+            f"(known: {', '.join(known)})"
+        )
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path}: not valid JSON: {error}") from error
+
+
+def fill_ds_config(
+    ds_config: dict[str, Any], *, micro_batch_size: int, grad_accum_steps: int, world_size: int, grad_clip: float
+) -> dict[str, Any]:
+    """Resolve ``"auto"`` values from the run config and check the explicit ones against it.
+
+    DeepSpeed requires ``train_batch_size = micro_batch × grad_accum × world_size``.
+
+    Raises:
+        ConfigError: listing every mismatch at once.
+    """
+    filled = copy.deepcopy(ds_config)
+    expected = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "train_batch_size": micro_batch_size * grad_accum_steps * world_size,
+        "gradient_clipping": grad_clip,
+    }
+    problems = [f"'{key}': {reason}" for key, reason in _FORBIDDEN_SECTIONS.items() if key in filled]
+    for key, value in expected.items():
+        current = filled.get(key, "auto")
+        if current == "auto":
+            filled[key] = value
+        elif current != value:
+            problems.append(
+                f"'{key}' is {current!r} but the run config gives {value!r} "
+                f"(micro_batch_size={micro_batch_size}, grad_accum_steps={grad_accum_steps}, "
+                f"world_size={world_size}, grad_clip={grad_clip}); set it to \"auto\" or make them agree"
+            )
+    if filled.get("bf16", {}).get("enabled") and filled.get("fp16", {}).get("enabled"):
+        problems.append("'bf16' and 'fp16' are both enabled: pick one")
+    stage = filled.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (1, 2, 3):
+        problems.append(f"'zero_optimization.stage' is {stage!r}: expected 1, 2 or 3")
+    if problems:
+        raise ConfigError("DeepSpeed config does not fit the run:\n  " + "\n  ".join(problems))
+    return filled
+
+
+def compute_dtype(ds_config: dict[str, Any]) -> torch.dtype:
+    """The dtype parameters and activations have inside the engine."""
+    if ds_config.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds_config.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32
+
+
+def zero_stage(ds_config: dict[str, Any]) -> int:
+    """ZeRO stage of a filled config."""
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def build_optimizer(
+    param_groups: Sequence[dict[str, Any]], *, lr: float, betas: Sequence[float], eps: float
+) -> torch.optim.Optimizer:
+    """torch AdamW over the given groups; each group's ``weight_decay`` is already set."""
+    return torch.optim.AdamW(list(param_groups), lr=lr, betas=tuple(betas), eps=eps)
+
+
+def initialize_engine(
+    module: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any]
+) -> deepspeed.DeepSpeedEngine:
+    """Wrap ``module`` and ``optimizer`` in a DeepSpeed engine.
+
+    The module must already be in the compute dtype: DeepSpeed casts parameters but not
+    buffers such as BatchNorm statistics.
+    """
+    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
+    return engine
+
+
+@torch.no_grad()
+def average_buffers(module: nn.Module) -> None:
+    """Average floating-point buffers (BatchNorm running statistics) across ranks.
+
+    DeepSpeed, unlike DDP, never synchronises buffers, so each rank's running statistics drift
+    on its own shard of the data; evaluation and export need one agreed model.
+    """
+    world_size = torch.distributed.get_world_size()
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            torch.distributed.all_reduce(buffer)
+            buffer.div_(world_size)

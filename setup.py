@@ -1,0 +1,28 @@
+"""Install MapSage DS. torch is pinned to the 2.14.1 / torchvision 0.29.1 pair (see README)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="mapsage_ds",
+    version="0.1.0",
+    description="DeepSpeed fine-tuning of large vision models for remote-sensing semantic segmentation",
+    packages=find_packages(include=["mapsage_ds", "mapsage_ds.*"]),
+    package_data={"mapsage_ds": ["recipes/*.yaml"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch==2.14.1",
+        "torchvision==0.29.1",
+        "deepspeed>=0.16",
+        "transformers>=4.56",
+        "timm>=1.0",
+        "safetensors>=0.4",
+        "datasets>=3.0",
+        "pillow>=10",
+        "numpy",
+        "pyyaml",
+        "tqdm",
+        "tensorboard",
+        "accelerate>=1.0",
+    ],
+    extras_require={"test": ["pytest>=8", "ninja"]},
+)

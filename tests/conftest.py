@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny generated LoveDA trees, tiny configs, and a launcher for real multi-process runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mapsage_ds.data.synthetic import SyntheticSpec, ensure_synthetic_tree
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_SPEC = SyntheticSpec(size=128, train_per_scene=4, val_per_scene=3, test_per_scene=1, nodata_fraction=0.5, seed=3)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: real multi-process DeepSpeed runs (CI runs them too)")
+
+
+@pytest.fixture(scope="session")
+def tiny_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small generated LoveDA-format tree of real PNG files (64×64 tiles), shared by the session."""
+    return ensure_synthetic_tree(tmp_path_factory.mktemp("loveda") / "tree", TINY_SPEC)
+
+
+def tiny_run_config(data_root: Path, output_dir: Path, **sections: dict) -> dict:
+    """A run config (as a dict) with the test-size SegFormer and a few steps on ``data_root``."""
+    config = {
+        "data": {"root": str(data_root), "crop_size": 64, "num_workers": 0},
+        "model": {"size": "test"},
+        "optim": {"lr": 1e-3, "warmup_steps": 1},
+        "train": {"max_steps": 4, "micro_batch_size": 2, "deepspeed": "zero2_fp32",
+                  "eval_every": 2, "save_every": 2, "log_every": 1},
+        "output_dir": str(output_dir),
+    }
+    for section, values in sections.items():
+        config[section] = {**config.get(section, {}), **values}
+    return config
+
+
+def write_config(path: Path, config: dict) -> Path:
+    """Write a config dict as a YAML file for ``--config``."""
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def subprocess_env() -> dict[str, str]:
+    """Environment of launched processes: one thread each (2 cores), shared op build cache."""
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               TORCH_EXTENSIONS_DIR=env.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions")))
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def launch(script: str, args: list[str], *, nproc: int, launcher: str = "torchrun", timeout: int = 600) -> str:
+    """Run ``scripts/{script}`` on ``nproc`` CPU processes; returns its output, fails the test on error."""
+    path = str(REPO / "scripts" / script)
+    if nproc == 1 and launcher == "python":
+        command = [sys.executable, path, *args]
+    elif launcher == "torchrun":
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   path, *args]
+    elif launcher == "deepspeed":
+        command = [str(Path(sys.executable).with_name("deepspeed")), f"--num_gpus={nproc}",
+                   f"--master_port={_free_port()}", path, *args]
+    else:
+        raise ValueError(launcher)
+    result = subprocess.run(command, env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    output = result.stdout + result.stderr
+    if result.returncode != 0:
+        pytest.fail(f"{' '.join(command)} exited {result.returncode}:\n{output[-6000:]}")
+    return output
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
