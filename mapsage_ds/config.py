@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -136,10 +137,23 @@ def from_dict(cls: type, data: dict[str, Any], *, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def _abbreviates(short: str, long: str) -> bool:
+    """Whether ``short`` is the initials of a multi-word ``long`` (lr, learning_rate)."""
+    return "_" in long and short == "".join(word[:1] for word in long.split("_"))
+
+
 def _unknown_key_message(dotted: str, key: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(str(key), valid, n=1)
+    key = str(key)
+    # difflib misses abbreviations (learning_rate vs lr), so initials count as a match too.
+    close = difflib.get_close_matches(key, valid, n=1) or [
+        name for name in valid if _abbreviates(name, key) or _abbreviates(key, name)
+    ][:1]
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return f"unknown config key '{dotted}'{hint} (valid keys here: {', '.join(valid)})"
+
+
+# PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent: `1e-4` loads as a string.
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _coerce(annotation: Any, value: Any, key: str) -> Any:
@@ -150,6 +164,9 @@ def _coerce(annotation: Any, value: Any, key: str) -> Any:
             return None
         errors = []
         for option in (o for o in options if o is not type(None)):
+            if dataclasses.is_dataclass(option) and isinstance(value, dict):
+                # A mapping can only mean the section: keep its error, which names the nested key.
+                return _coerce(option, value, key)
             try:
                 return _coerce(option, value, key)
             except ConfigError as error:
@@ -163,6 +180,8 @@ def _coerce(annotation: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a list of {_type_name(item_type)}, got {value!r}")
         return [_coerce(item_type, item, f"{key}[{i}]") for i, item in enumerate(value)]
     if annotation is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if annotation is float and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
         return float(value)
     if annotation in (int, str, bool) and type(value) is annotation:
         return value

@@ -13,6 +13,7 @@ import yaml
 from mapsage_ds.data.synthetic import SyntheticSpec, ensure_synthetic_tree
 
 REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
 TINY_SPEC = SyntheticSpec(size=128, train_per_scene=4, val_per_scene=3, test_per_scene=1, nodata_fraction=0.5, seed=3)
 
 

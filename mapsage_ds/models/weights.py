@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from transformers import PreTrainedModel
 
 from mapsage_ds.errors import DataError, MissingFileError
 
@@ -104,6 +105,30 @@ def _strip_wrapper_prefix(state: dict[str, torch.Tensor], model_keys: set[str]) 
     return state
 
 
+def _rename_legacy_keys(
+    state: dict[str, torch.Tensor], model: nn.Module, model_keys: set[str]
+) -> dict[str, torch.Tensor]:
+    """Map checkpoint names to the model's where transformers renamed its modules.
+
+    transformers 5 renamed SegFormer's modules (``segformer.encoder.block.N`` is now
+    ``segformer.stages.N.blocks``) but ``save_pretrained`` and every published checkpoint keep the
+    old names; ``from_pretrained`` renames them on load, so we apply the same renamings here.
+    """
+    try:  # transformers >= 5; with 4.x the module names are the checkpoint names
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:
+        return state
+    if not isinstance(model, PreTrainedModel):
+        return state
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    renamed = {}
+    for key, tensor in state.items():
+        new_key = key if key in model_keys else rename_source_key(key, renamings, [])[0]
+        renamed[new_key if new_key in model_keys else key] = tensor
+    return renamed
+
+
 def load_matching_weights(model: nn.Module, path: str | Path) -> KeyReport:
     """Copy every tensor of ``path`` whose name and shape match into ``model``.
 
@@ -112,6 +137,7 @@ def load_matching_weights(model: nn.Module, path: str | Path) -> KeyReport:
     """
     target = model.state_dict()
     state = _strip_wrapper_prefix(read_state_dict(path), set(target))
+    state = _rename_legacy_keys(state, model, set(target))
     report = KeyReport(source=str(path))
     loadable = {}
     for key, tensor in state.items():
