@@ -162,15 +162,14 @@ def _coerce(annotation: Any, value: Any, key: str) -> Any:
         options = typing.get_args(annotation)
         if value is None and type(None) in options:
             return None
-        errors = []
         for option in (o for o in options if o is not type(None)):
             if dataclasses.is_dataclass(option) and isinstance(value, dict):
                 # A mapping can only mean the section: keep its error, which names the nested key.
                 return _coerce(option, value, key)
             try:
                 return _coerce(option, value, key)
-            except ConfigError as error:
-                errors.append(str(error))
+            except ConfigError:
+                continue
         raise ConfigError(f"{key}: expected {_type_name(annotation)}, got {value!r}")
     if dataclasses.is_dataclass(annotation):
         return from_dict(annotation, value if value is not None else {}, prefix=key + ".")
@@ -184,8 +183,6 @@ def _coerce(annotation: Any, value: Any, key: str) -> Any:
     if annotation is float and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
         return float(value)
     if annotation in (int, str, bool) and type(value) is annotation:
-        return value
-    if annotation is float and isinstance(value, float):
         return value
     raise ConfigError(f"{key}: expected {_type_name(annotation)}, got {value!r} ({type(value).__name__})")
 

@@ -8,6 +8,7 @@ ZeRO stage; the directory is written beside the target and moved into place when
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -19,7 +20,6 @@ import torch
 import torch.distributed as dist
 import yaml
 from deepspeed.utils import safe_get_full_fp32_param
-from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel, SegformerImageProcessor
 
@@ -64,11 +64,10 @@ def write_hf_export(
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    config = model.config
-    config.architectures = [type(model).__name__]
-    config.save_pretrained(staging)
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(staging / "model.safetensors"),
-              metadata={"format": "pt"})
+    # save_pretrained writes the hub key layout, which can differ from the in-memory names
+    # (transformers 5 renamed SegFormer's modules but keeps checkpoints loadable by 4.x).
+    model.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
+    _declare_float32(staging / "config.json")
     SegformerImageProcessor(
         do_resize=False, do_rescale=True, do_normalize=True, image_mean=list(image_mean),
         image_std=list(image_std), do_reduce_labels=False,
@@ -84,6 +83,15 @@ def write_hf_export(
     else:
         os.replace(staging, out_dir)
     return out_dir
+
+
+def _declare_float32(config_file: Path) -> None:
+    """Record fp32 as the weights' dtype: save_pretrained writes the live (possibly bf16) one."""
+    config = json.loads(config_file.read_text())
+    for key in ("dtype", "torch_dtype"):
+        if key in config:
+            config[key] = "float32"
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def export_model(

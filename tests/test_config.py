@@ -69,7 +69,7 @@ def test_every_recipe_resolves_and_keeps_its_values(name: str) -> None:
     config = load_config(recipe=name, overrides=overrides)
     resolved = _leaves(to_dict(config))
     for dotted, value in _leaves(raw).items():
-        assert resolved[dotted] == value, dotted
+        assert resolved[dotted] == (value if dotted != "data.root" or value else "/x"), dotted
     # Keys the recipe leaves out keep their defaults (optional sections it fills in excepted).
     set_by_recipe = _leaves(raw)
     for dotted, default in _leaves(to_dict(Config())).items():

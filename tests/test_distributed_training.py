@@ -44,7 +44,7 @@ def test_two_process_training_exports_what_was_trained(tmp_path, tiny_tree, stag
     # The export holds the optimizer's fp32 master weights: compare with DeepSpeed's own consolidation.
     consolidated = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"))
     reference = SegformerForSemanticSegmentation(exported.config).eval()
-    reference.load_state_dict({k.removeprefix("model."): v for k, v in consolidated.items()}, strict=False)
+    reference.load_state_dict({k.removeprefix("model."): v for k, v in consolidated.items()}, strict=True)
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(exported(pixel_values=images).logits, reference(pixel_values=images).logits)

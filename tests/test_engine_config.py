@@ -64,7 +64,8 @@ def test_every_packaged_config_reads_and_fills(name: str) -> None:
         assert filled[key] == expected[key], key
     assert "auto" not in json.dumps(filled)
     # Everything else passes through unchanged.
-    assert {k: v for k, v in filled.items() if k not in AUTO_KEYS} == {k: v for k, v in raw.items() if k not in AUTO_KEYS}
+    rest = {k: v for k, v in raw.items() if k not in AUTO_KEYS}
+    assert {k: v for k, v in filled.items() if k not in AUTO_KEYS} == rest
     assert "scheduler" not in filled and "optimizer" not in filled
 
     # Stage and dtype as the file name says (zero<stage>[_offload]_<precision>).

@@ -94,7 +94,8 @@ def test_apply_sets_base_times_scale_times_factor() -> None:
     torch.manual_seed(0)
     params = [nn.Parameter(torch.randn(3, 2)) for _ in range(4)]
     scales = [1.0, 0.5, 0.125, None]  # the last group has no lr_scale: treated as 1
-    groups = [{"params": [p], **({"lr_scale": s} if s is not None else {})} for p, s in zip(params, scales, strict=True)]
+    groups = [{"params": [p], **({"lr_scale": s} if s is not None else {})}
+              for p, s in zip(params, scales, strict=True)]
     optimizer = torch.optim.AdamW(groups, lr=123.0, weight_decay=0.0)
     base = 4e-3
     schedule = LRSchedule(base_lr=base, total_steps=20, kind="cosine", warmup_steps=5)

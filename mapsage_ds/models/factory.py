@@ -10,7 +10,7 @@ from transformers import SegformerForSemanticSegmentation
 
 from mapsage_ds.data.transforms import Normalize
 
-from mapsage_ds.errors import ConfigError, MissingFileError
+from mapsage_ds.errors import ConfigError, DataError, MissingFileError
 from mapsage_ds.models.segformer import build_segformer
 from mapsage_ds.models.weights import KeyReport, load_matching_weights
 
@@ -23,6 +23,8 @@ def build_model(
         raise ConfigError(f"model.arch='{arch}': expected 'segformer'")
     model = build_segformer(size, class_names)
     report = load_matching_weights(model, pretrained) if pretrained else None
+    if report is not None and not report.matched:
+        raise DataError(f"model.pretrained={pretrained}: no tensor matched the model's keys\n{report.summary()}")
     return model, report
 
 
