@@ -1,0 +1,34 @@
+"""Datasets, label encoding and synthetic LoveDA trees."""
+
+from mapsage_ds.data.classes import (
+    IGNORE_INDEX,
+    LOVEDA_CLASSES,
+    LOVEDA_PALETTE,
+    NUM_CLASSES,
+    check_index_mask,
+    encode_loveda_mask,
+)
+from mapsage_ds.data.hf_source import HFSegmentationDataset, load_local_dataset
+from mapsage_ds.data.loveda import LoveDA
+from mapsage_ds.data.synthetic import (
+    SyntheticSpec,
+    ensure_synthetic_tree,
+    generate_loveda_tree,
+    write_loveda_sample,
+)
+
+__all__ = [
+    "IGNORE_INDEX",
+    "LOVEDA_CLASSES",
+    "LOVEDA_PALETTE",
+    "NUM_CLASSES",
+    "HFSegmentationDataset",
+    "LoveDA",
+    "SyntheticSpec",
+    "check_index_mask",
+    "encode_loveda_mask",
+    "ensure_synthetic_tree",
+    "generate_loveda_tree",
+    "load_local_dataset",
+    "write_loveda_sample",
+]

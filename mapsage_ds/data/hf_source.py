@@ -1,0 +1,198 @@
+"""Segmentation data from a local Hugging Face ``datasets`` dataset.
+
+Reads a directory written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``, a parquet
+file, or a directory of parquet files. Items match :class:`mapsage_ds.data.loveda.LoveDA`, so
+either source feeds the same transforms, loss and metric.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from mapsage_ds.data.classes import check_index_mask, encode_loveda_mask
+from mapsage_ds.data.loveda import decode_mask, decode_rgb, image_to_tensor, mask_to_tensor
+from mapsage_ds.errors import ConfigError, DataError, MissingFileError
+
+MASK_ENCODINGS: dict[str, Callable[[np.ndarray, str], np.ndarray]] = {
+    "loveda_raw": encode_loveda_mask,
+    "index": check_index_mask,
+}
+_NAME_COLUMNS = ("name", "file_name")
+_SAVE_TO_DISK_MARKERS = ("dataset_dict.json", "state.json")
+_PARQUET_SPLIT = "train"  # what load_dataset("parquet", ...) names its only split
+_PIL_ERRORS = (OSError, SyntaxError, ValueError)
+
+
+def _load_parquet(files: list[Path], cache_dir: str | Path | None) -> datasets.Dataset:
+    return datasets.load_dataset(
+        "parquet",
+        data_files=[str(f) for f in files],
+        split=_PARQUET_SPLIT,
+        cache_dir=None if cache_dir is None else str(cache_dir),
+    )
+
+
+def _select_split(
+    data: datasets.Dataset | datasets.DatasetDict, split: str | None, path: Path
+) -> datasets.Dataset:
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise ConfigError(
+                f"{path}: split {split!r} not found; available splits are {sorted(data)} (pass one as split=...)"
+            )
+        return data[split]
+    own_split = None if data.split is None else str(data.split)
+    if split is not None and split != own_split:
+        raise ConfigError(
+            f"{path} holds a single dataset (split {own_split!r}), not a DatasetDict; "
+            f"split must be None{'' if own_split is None else f' or {own_split!r}'}, got {split!r}"
+        )
+    return data
+
+
+def load_local_dataset(
+    path: str | Path, split: str | None = None, cache_dir: str | Path | None = None
+) -> datasets.Dataset:
+    """Load one split of a local Hugging Face dataset.
+
+    Args:
+        path: A ``save_to_disk`` directory, a ``.parquet`` file, or a directory of ``.parquet`` files.
+        split: The split of a ``DatasetDict``; for a single dataset, None or that dataset's own split.
+        cache_dir: Where ``datasets`` caches the Arrow files built from parquet (its default if None).
+
+    Returns:
+        The selected dataset.
+
+    Raises:
+        MissingFileError: If ``path`` does not exist.
+        ConfigError: If ``path`` is of an unsupported kind or ``split`` does not match its splits.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise MissingFileError(f"Hugging Face dataset not found: {path} does not exist")
+    if path.is_file():
+        if path.suffix != ".parquet":
+            kind = path.suffix or "suffix-less"
+            raise ConfigError(f"{path}: expected a .parquet file or a directory, got a {kind} file")
+        return _select_split(_load_parquet([path], cache_dir), split, path)
+    if any((path / marker).is_file() for marker in _SAVE_TO_DISK_MARKERS):
+        return _select_split(datasets.load_from_disk(str(path)), split, path)
+    files = sorted(path.glob("*.parquet"))
+    if not files:
+        raise ConfigError(
+            f"{path}: neither a save_to_disk directory (no {' or '.join(_SAVE_TO_DISK_MARKERS)}) "
+            "nor a directory of .parquet files"
+        )
+    return _select_split(_load_parquet(files, cache_dir), split, path)
+
+
+def _open_image(value: Any, source: str) -> Image.Image:
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, dict):
+        if value.get("bytes") is not None:
+            value = value["bytes"]
+        elif value.get("path"):
+            file = Path(value["path"])
+            if not file.is_file():
+                raise MissingFileError(f"{source}: refers to image file {file}, which does not exist")
+            value = file.read_bytes()
+        else:
+            raise DataError(f"{source}: image dict has neither 'bytes' nor 'path'")
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise DataError(
+            f"{source}: holds a {type(value).__name__}; expected a PIL image (datasets Image feature), "
+            "encoded image bytes or a {'bytes': ...} dict"
+        )
+    try:
+        return Image.open(io.BytesIO(value))
+    except _PIL_ERRORS as err:
+        raise DataError(f"{source}: cannot read as an image ({err})") from err
+
+
+class HFSegmentationDataset(Dataset):
+    """Image/mask pairs from a local Hugging Face dataset, in the :class:`LoveDA` item format.
+
+    Each item is ``{"image": uint8[3, H, W], "mask": int64[H, W], "name": str}``; without a mask
+    column there is no ``"mask"``. The name comes from a ``name`` or ``file_name`` column if the
+    dataset has one, else it is the zero-padded row index.
+
+    Args:
+        path: A ``save_to_disk`` directory, a ``.parquet`` file, or a directory of ``.parquet`` files.
+        split: The split of a ``DatasetDict``; for a single dataset, None or that dataset's own split.
+        image_column: Column of RGB images.
+        mask_column: Column of single-channel masks, or None for an image-only dataset.
+        mask_encoding: ``"loveda_raw"`` for raw LoveDA values (0 no-data, 1..7 classes) or
+            ``"index"`` for masks already holding 0..6 and 255.
+        cache_dir: Where ``datasets`` caches the Arrow files built from parquet (its default if None).
+
+    Raises:
+        MissingFileError: If ``path`` does not exist.
+        ConfigError: If the path kind, split, a column or ``mask_encoding`` is not supported.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        split: str | None = None,
+        image_column: str = "image",
+        mask_column: str | None = "mask",
+        mask_encoding: str = "loveda_raw",
+        cache_dir: str | Path | None = None,
+    ) -> None:
+        if mask_encoding not in MASK_ENCODINGS:
+            raise ConfigError(f"mask_encoding {mask_encoding!r} is unknown; expected one of {list(MASK_ENCODINGS)}")
+        self.path = Path(path)
+        data = load_local_dataset(self.path, split=split, cache_dir=cache_dir)
+        for column in (image_column, mask_column):
+            if column is not None and column not in data.column_names:
+                raise ConfigError(
+                    f"{self.path}: column {column!r} not found; available columns are {data.column_names}"
+                )
+        self.image_column = image_column
+        self.mask_column = mask_column
+        self.has_masks = mask_column is not None
+        self._encode = MASK_ENCODINGS[mask_encoding]
+        self._name_column = next((c for c in _NAME_COLUMNS if c in data.column_names), None)
+        self.data = self._without_decoding(data)
+
+    def _without_decoding(self, data: datasets.Dataset) -> datasets.Dataset:
+        # We decode ourselves, so a corrupt row raises a DataError naming the row.
+        for column in (self.image_column, self.mask_column):
+            if column is not None and isinstance(data.features[column], datasets.Image):
+                data = data.cast_column(column, datasets.Image(decode=False))
+        return data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
+        row = self.data[index]
+        source = f"{self.path} row {index}"
+        image_source = f"{source} column {self.image_column!r}"
+        image = decode_rgb(_open_image(row[self.image_column], image_source), image_source)
+        name = f"{index:06d}" if self._name_column is None else str(row[self._name_column])
+        item: dict[str, torch.Tensor | str] = {"image": image_to_tensor(image), "name": name}
+        if self.mask_column is None:
+            return item
+        mask_source = f"{source} column {self.mask_column!r}"
+        mask = decode_mask(_open_image(row[self.mask_column], mask_source), mask_source)
+        if mask.shape != image.shape[:2]:
+            raise DataError(
+                f"{source}: image is {image.shape[0]}x{image.shape[1]} but mask is "
+                f"{mask.shape[0]}x{mask.shape[1]} (height x width); they must match"
+            )
+        item["mask"] = mask_to_tensor(self._encode(mask, mask_source))
+        return item
+
+    def __repr__(self) -> str:
+        return f"HFSegmentationDataset(path={str(self.path)!r}, n={len(self)})"

@@ -1,0 +1,252 @@
+"""The LoveDA dataset read from its official folder layout.
+
+Layout: ``{root}/{Train,Val,Test}/{Urban,Rural}/{images_png,masks_png}/*.png``, with an image and
+its mask sharing a file name. Every file header is checked when the dataset is built, so a
+broken tree fails before training starts rather than hours into it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from mapsage_ds.data.classes import encode_loveda_mask
+from mapsage_ds.errors import ConfigError, DataError, MissingFileError
+
+SPLITS: tuple[str, ...] = ("Train", "Val", "Test")
+SCENES: dict[str, tuple[str, ...]] = {
+    "urban": ("Urban",),
+    "rural": ("Rural",),
+    "both": ("Urban", "Rural"),
+}
+IMAGE_DIR = "images_png"
+MASK_DIR = "masks_png"
+
+_IMAGE_MODE = "RGB"
+# Single-band integer modes; "P" masks are read as their palette indices, which are the labels.
+_MASK_MODES = frozenset({"L", "P", "I", "I;16", "I;16L", "I;16B"})
+_MAX_LISTED_FILES = 5
+# PIL signals unreadable or truncated files with any of these.
+_PIL_ERRORS = (OSError, SyntaxError, ValueError)
+
+
+def check_image_mode(mode: str, source: str) -> None:
+    """Raise unless an image's PIL mode is RGB.
+
+    Args:
+        mode: The PIL mode of the image.
+        source: The file or row the image came from, used in the error message.
+
+    Raises:
+        DataError: If the mode is not ``"RGB"``.
+    """
+    if mode != _IMAGE_MODE:
+        raise DataError(f"{source}: image has mode {mode!r}; expected an RGB image (mode 'RGB')")
+
+
+def check_mask_mode(mode: str, source: str) -> None:
+    """Raise unless a mask's PIL mode holds single-channel class indices.
+
+    Args:
+        mode: The PIL mode of the mask.
+        source: The file or row the mask came from, used in the error message.
+
+    Raises:
+        DataError: If the mode is multi-band (e.g. an RGB palette rendering) or not integer.
+    """
+    if mode not in _MASK_MODES:
+        raise DataError(
+            f"{source}: mask has mode {mode!r}; masks must be single-channel class indices "
+            f"(one of {sorted(_MASK_MODES)}), not palette colours"
+        )
+
+
+def decode_rgb(image: Image.Image, source: str) -> np.ndarray:
+    """Decode an RGB PIL image into an array.
+
+    Args:
+        image: An opened (possibly not yet decoded) PIL image.
+        source: The file or row the image came from, used in error messages.
+
+    Returns:
+        A ``uint8`` array of shape (H, W, 3).
+
+    Raises:
+        DataError: If the image is not RGB or its pixel data is corrupt.
+    """
+    check_image_mode(image.mode, source)
+    try:
+        return np.array(image)
+    except _PIL_ERRORS as err:
+        raise DataError(f"{source}: cannot decode image ({err})") from err
+
+
+def decode_mask(mask: Image.Image, source: str) -> np.ndarray:
+    """Decode a single-channel PIL mask into an array of its stored values.
+
+    Args:
+        mask: An opened (possibly not yet decoded) PIL image.
+        source: The file or row the mask came from, used in error messages.
+
+    Returns:
+        An integer array of shape (H, W).
+
+    Raises:
+        DataError: If the mask is not single-channel or its pixel data is corrupt.
+    """
+    check_mask_mode(mask.mode, source)
+    try:
+        return np.array(mask)
+    except _PIL_ERRORS as err:
+        raise DataError(f"{source}: cannot decode mask ({err})") from err
+
+
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """Turn an (H, W, 3) ``uint8`` array into a contiguous (3, H, W) ``uint8`` tensor."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+def mask_to_tensor(mask: np.ndarray) -> torch.Tensor:
+    """Turn an encoded (H, W) mask into an ``int64`` tensor."""
+    return torch.from_numpy(mask.astype(np.int64))
+
+
+def _open(path: Path) -> Image.Image:
+    try:
+        return Image.open(path)
+    except _PIL_ERRORS as err:
+        raise DataError(f"{path}: cannot read as an image ({err})") from err
+
+
+def _read_header(path: Path) -> tuple[str, tuple[int, int]]:
+    with _open(path) as image:
+        return image.mode, image.size
+
+
+def read_rgb_file(path: Path) -> np.ndarray:
+    """Read an RGB image file into a ``uint8`` (H, W, 3) array, raising ``DataError`` if unreadable."""
+    with _open(path) as image:
+        return decode_rgb(image, str(path))
+
+
+def read_mask_file(path: Path) -> np.ndarray:
+    """Read a single-channel mask file into an (H, W) array, raising ``DataError`` if unreadable."""
+    with _open(path) as mask:
+        return decode_mask(mask, str(path))
+
+
+def _require_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise MissingFileError(f"{what} not found: {path} is not a directory")
+    return path
+
+
+@dataclass(frozen=True)
+class _Sample:
+    name: str
+    image: Path
+    mask: Path | None
+
+
+class LoveDA(Dataset):
+    """LoveDA tiles with masks encoded as training labels (0..6, 255 for no-data).
+
+    Each item is ``{"image": uint8[3, H, W], "mask": int64[H, W], "name": "<Scene>/<file>"}``;
+    the Test split has hidden labels, so its items carry no ``"mask"``. Label values are
+    validated every time a mask is loaded.
+
+    Args:
+        root: The LoveDA root holding ``Train``, ``Val`` and ``Test``.
+        split: ``"Train"``, ``"Val"`` or ``"Test"``.
+        scenes: ``"urban"``, ``"rural"`` or ``"both"``.
+        check_labels: Also decode every mask up front and validate its values.
+
+    Raises:
+        ConfigError: If ``split`` or ``scenes`` is not one of the allowed values.
+        MissingFileError: If a directory or a Train/Val mask is missing.
+        DataError: If an image folder is empty or a file is unreadable, not RGB (images), not
+            single-channel (masks), of mismatched size, or (with ``check_labels``) holds
+            values outside 0..7.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        scenes: str = "both",
+        check_labels: bool = False,
+    ) -> None:
+        if split not in SPLITS:
+            raise ConfigError(f"LoveDA split {split!r} is unknown; expected one of {list(SPLITS)}")
+        if scenes not in SCENES:
+            raise ConfigError(f"LoveDA scenes {scenes!r} is unknown; expected one of {list(SCENES)}")
+        self.root = Path(root)
+        self.split = split
+        self.scenes = scenes
+        self.has_masks = split != "Test"
+        self.samples = self._find_samples()
+        for sample in self.samples:
+            self._check_headers(sample)
+        if check_labels:
+            for sample in self.samples:
+                self._load_mask(sample)
+
+    def _find_samples(self) -> list[_Sample]:
+        split_dir = _require_dir(_require_dir(self.root, "LoveDA root") / self.split, "LoveDA split")
+        samples: list[_Sample] = []
+        missing: list[str] = []
+        for scene in SCENES[self.scenes]:
+            scene_dir = _require_dir(split_dir / scene, "LoveDA scene")
+            image_dir = _require_dir(scene_dir / IMAGE_DIR, "LoveDA image directory")
+            images = sorted((p for p in image_dir.glob("*.png") if p.is_file()), key=lambda p: p.name)
+            if not images:
+                raise DataError(f"{image_dir}: no .png images found")
+            for image in images:
+                mask = scene_dir / MASK_DIR / image.name if self.has_masks else None
+                if mask is not None and not mask.is_file():
+                    missing.append(f"{image} (expected mask {mask})")
+                samples.append(_Sample(f"{scene}/{image.name}", image, mask))
+        if missing:
+            listed = "; ".join(missing[:_MAX_LISTED_FILES])
+            more = f"; and {len(missing) - _MAX_LISTED_FILES} more" if len(missing) > _MAX_LISTED_FILES else ""
+            raise MissingFileError(f"{len(missing)} LoveDA {self.split} image(s) have no mask: {listed}{more}")
+        return samples
+
+    @staticmethod
+    def _check_headers(sample: _Sample) -> None:
+        image_mode, image_size = _read_header(sample.image)
+        check_image_mode(image_mode, str(sample.image))
+        if sample.mask is None:
+            return
+        mask_mode, mask_size = _read_header(sample.mask)
+        check_mask_mode(mask_mode, str(sample.mask))
+        if image_size != mask_size:
+            raise DataError(
+                f"image {sample.image} is {image_size[0]}x{image_size[1]} but its mask {sample.mask} "
+                f"is {mask_size[0]}x{mask_size[1]} (width x height); they must match"
+            )
+
+    @staticmethod
+    def _load_mask(sample: _Sample) -> np.ndarray:
+        return encode_loveda_mask(read_mask_file(sample.mask), str(sample.mask))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
+        sample = self.samples[index]
+        item: dict[str, torch.Tensor | str] = {
+            "image": image_to_tensor(read_rgb_file(sample.image)),
+            "name": sample.name,
+        }
+        if sample.mask is not None:
+            item["mask"] = mask_to_tensor(self._load_mask(sample))
+        return item
+
+    def __repr__(self) -> str:
+        return f"LoveDA(root={str(self.root)!r}, split={self.split!r}, scenes={self.scenes!r}, n={len(self)})"
