@@ -23,6 +23,14 @@ setup(
         "tqdm",
         "tensorboard",
         "accelerate>=1.0",
+        "matplotlib>=3.7",  # evaluation report figures (confusion matrix, IoU bars, panels)
+        "scipy>=1.10",  # SAM refinement: connected regions and distance transform
+        "albumentations>=2.0,<3",  # training augmentations (OpenCV); chosen by docs/training_recipe.md
     ],
-    extras_require={"test": ["pytest>=8", "ninja"]},
+    extras_require={
+        # segmentation-models-pytorch: the independent reference for the Dice and Lovász tests.
+        "test": ["pytest>=8", "ninja", "segmentation-models-pytorch>=0.5"],
+        # kornia: a candidate backend measured by scripts/benchmark_data.py.
+        "bench": ["kornia>=0.8"],
+    },
 )

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from mapsage_ds.accelerator import DistributedContext, rng_state, set_rng_state
+from mapsage_ds.engine import average_buffers
 from mapsage_ds.errors import MissingFileError
 
 
@@ -37,10 +38,19 @@ def save_checkpoint(
     """Save a checkpoint on every rank and prune old ones beyond the ``keep`` newest.
 
     Args:
+        engine: the engine to save (every rank calls this).
+        root: checkpoint folder of the run.
+        step: optimizer steps done; names the checkpoint.
+        client_state: train state, data position and config stored with the engine state.
+        ctx: this process's place in the job.
+        keep: how many checkpoints to keep.
         protect: tags never pruned (the best checkpoint).
     """
     root = Path(root)
     tag = step_tag(step)
+    # DeepSpeed stores rank 0's buffers only: agree on them first, so that every rank of a
+    # resumed run starts from the same statistics as the uninterrupted run.
+    average_buffers(engine.module)
     (root / tag).mkdir(parents=True, exist_ok=True)
     torch.save(rng_state(ctx.device), root / tag / f"rng_rank{ctx.rank}.pt")
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
@@ -57,6 +67,14 @@ def latest_tag(root: str | Path) -> str | None:
     """Tag named by ``{root}/latest``, or None when there is no checkpoint."""
     latest = Path(root) / "latest"
     return latest.read_text().strip() if latest.is_file() else None
+
+
+def latest_step(root: str | Path) -> int:
+    """Optimizer step of the newest checkpoint under ``root``."""
+    tag = latest_tag(root)
+    if tag is None:
+        raise MissingFileError(f"--resume: no checkpoint in {root} (no 'latest' file)")
+    return int(tag.removeprefix("step_"))
 
 
 def load_checkpoint(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from mapsage_ds.accelerator import ACCELERATORS
 from mapsage_ds.config import Config, load_config, recipe_names
 
 
@@ -17,7 +18,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, default_recipe: str
                         help="override one field, e.g. --set optim.lr=1e-4 (repeatable)")
     parser.add_argument("--data-root", default=None, help="shortcut for --set data.root=PATH")
     parser.add_argument("--output-dir", default=None, help="shortcut for --set output_dir=PATH")
-    parser.add_argument("--accelerator", default=None, help="cuda | cpu (default: $MAPSAGE_ACCELERATOR or best present)")
+    parser.add_argument("--accelerator", default=None,
+                        help=f"device type: {' | '.join(ACCELERATORS)} (default: $MAPSAGE_ACCELERATOR, "
+                             f"else the first present in that order)")
     # The deepspeed launcher appends --local_rank=N; the rank is read from the environment.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 

@@ -36,6 +36,34 @@ class SyntheticConfig:
 
 
 @dataclass
+class ColorJitterConfig:
+    """Random brightness, contrast, saturation (factors 1 ± value) and hue (shift ± value, in turns)."""
+
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.2
+    hue: float = 0.05
+    prob: float = 0.8
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentations beyond ``data.crop_size`` crops and ``data.hflip``; all off by default."""
+
+    crop_sizes: list[int] = field(default_factory=list)  # multi-scale: one size per batch; empty: data.crop_size
+    scale_range: list[float] = field(default_factory=lambda: [1.0, 1.0])  # random rescale factor (low, high)
+    vflip: bool = False
+    rot90: bool = False  # rotate by a random multiple of 90 degrees
+    rotate_degrees: float = 0.0  # rotate by an angle in ±degrees; new pixels are ignored
+    rotate_prob: float = 0.5
+    color_jitter: ColorJitterConfig | None = None
+    mixup: float = 0.0  # probability that a batch is a MixUp batch
+    mixup_alpha: float = 0.4
+    cutmix: float = 0.0  # probability that a batch is a CutMix batch
+    cutmix_alpha: float = 1.0
+
+
+@dataclass
 class DataConfig:
     """Where the data comes from and how batches are cut."""
 
@@ -52,16 +80,21 @@ class DataConfig:
     crop_size: int = 512
     hflip: bool = True
     num_workers: int = 2
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    sampler: str = "uniform"  # uniform | class_aware (repeat-factor sampling of images with rare classes)
+    repeat_thresh: float = 0.5  # class_aware: classes in fewer than this fraction of images get repeated
 
 
 @dataclass
 class ModelConfig:
     """Which network to build and which local weights to start from."""
 
-    arch: str = "segformer"
-    size: str = "b0"  # tiny | b0 .. b5
+    arch: str = "segformer"  # segformer | dinov3
+    size: str = "b0"  # segformer: test | mini | b0 .. b5; dinov3: test | vitl16 | vit7b16
     pretrained: str | None = None  # local HF directory, .safetensors or .pth/.pt/.bin state dict
     num_classes: int = 7
+    drop_path_rate: float = 0.1
+    boundary_head: bool = False  # auxiliary boundary head for training (never exported); needs loss.boundary > 0
 
 
 @dataclass
@@ -78,6 +111,25 @@ class OptimConfig:
     warmup_start_factor: float = 1e-3
     min_lr_ratio: float = 0.0
     poly_power: float = 1.0
+    # Backbone parameter lr = lr × backbone_lr_mult × layer_decay^(depth + 1 − layer_id); head at lr.
+    layer_decay: float = 1.0
+    backbone_lr_mult: float = 1.0
+
+
+@dataclass
+class UnfreezeStage:
+    """From optimizer step ``at_step`` on, this fraction of the backbone (from the input side) is frozen."""
+
+    at_step: int
+    frozen_fraction: float
+
+
+@dataclass
+class UnfreezeConfig:
+    """Progressive unfreezing: frozen layers get no update and cost no gradient or optimizer memory."""
+
+    initial_frozen_fraction: float = 0.0
+    stages: list[UnfreezeStage] = field(default_factory=list)
 
 
 @dataclass
@@ -88,6 +140,7 @@ class TrainConfig:
     micro_batch_size: int = 2  # per process
     grad_accum_steps: int = 1
     deepspeed: str = "zero2_bf16"  # a name in ds_configs/ or a path to a JSON file
+    activation_checkpointing: bool = False  # recompute backbone blocks in backward to save activation memory
     eval_every: int = 500
     save_every: int = 500
     keep_checkpoints: int = 2
@@ -101,6 +154,71 @@ class EvalConfig:
 
     batch_size: int = 1
     max_images: int | None = None  # evaluate on the first N images only (None: all)
+    # Inference protocol (mapsage_ds.inference.InferenceProtocol); scripts/evaluate.py takes the same.
+    mode: str = "whole"  # whole | slide
+    tile: int = 512  # slide: window side in pixels
+    stride: int = 256  # slide: step between windows, <= tile
+    tta_scales: list[float] = field(default_factory=lambda: [1.0])
+    tta_flip: list[str] = field(default_factory=list)  # extra views: any of h, v, hv
+    window_batch_size: int = 8  # slide: windows per forward pass
+    # Boundary IoU band (Cheng et al., 2021): a width in pixels, else this fraction of the image diagonal.
+    boundary_width: int | None = None
+    boundary_dilation_ratio: float = 0.02
+
+
+@dataclass
+class OhemConfig:
+    """Online hard-example mining of the cross-entropy term."""
+
+    thresh: float = 0.7  # pixels whose true-class probability is below this are hard
+    min_kept: int = 100000  # but at least this many pixels per image are kept
+
+
+@dataclass
+class LossConfig:
+    """Weights of the loss terms and the cross-entropy options (see docs/training_recipe.md)."""
+
+    ce: float = 1.0
+    dice: float = 0.0
+    lovasz: float = 0.0
+    boundary: float = 0.0  # needs model.boundary_head
+    class_weights: list[float] | None = None  # cross-entropy, one per class
+    label_smoothing: float = 0.0
+    ohem: OhemConfig | None = None
+    boundary_radius: int = 1  # half-width of the boundary band, in label pixels
+
+
+@dataclass
+class TeacherBootstrapConfig:
+    """Demo only: with no ``teacher.path``, first fine-tune a small DINOv3 teacher on the same data."""
+
+    size: str = "test"
+    max_steps: int = 60
+    lr: float = 2e-3
+
+
+@dataclass
+class TeacherConfig:
+    """The frozen teacher of ``task: distill`` (docs/distillation.md)."""
+
+    path: str | None = None  # a MapSage export directory (<finetune run>/export), SegFormer or DINOv3
+    precision: str = "auto"  # auto (the student's compute dtype) | bf16 | fp16 | fp32
+    feature_level: int = -1  # which of the teacher's hidden-state maps is the feature target
+    offload_features: bool = False  # precompute teacher outputs to disk (sharded by rank), train from the cache
+    cache_dir: str | None = None  # default: <output_dir>/teacher_cache
+    bootstrap: TeacherBootstrapConfig | None = None
+
+
+@dataclass
+class DistillConfig:
+    """Loss weights of ``task: distill``; the student's supervised loss is the ``loss`` section."""
+
+    supervised: float = 1.0
+    kl: float = 1.0  # pixel-wise KL at `temperature`, times temperature^2
+    temperature: float = 2.0
+    feature: float = 0.0
+    feature_loss: str = "cosine"  # cosine | mse
+    student_feature_level: int = 2  # SegFormer stage 3: stride 16, the teacher's patch grid
 
 
 @dataclass
@@ -112,6 +230,11 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    unfreeze: UnfreezeConfig | None = None
+    task: str = "segment"  # segment | distill (tasks/factory.py)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     output_dir: str = "runs/default"
 
 
@@ -286,7 +409,8 @@ _CHOICES = {
     "data.scenes": ("urban", "rural", "both"),
     "data.hf_mask_encoding": ("loveda_raw", "index"),
     "optim.schedule": ("cosine", "poly", "constant"),
-    "model.arch": ("segformer",),
+    "model.arch": ("segformer", "dinov3"),
+    "data.sampler": ("uniform", "class_aware"),
 }
 
 
@@ -316,10 +440,116 @@ def validate(config: Config) -> None:
         problems.append(f"optim.warmup_steps={config.optim.warmup_steps}: expected 0 <= value < train.max_steps")
     if len(config.optim.betas) != 2:
         problems.append(f"optim.betas={config.optim.betas}: expected two values")
+    problems += _unfreeze_problems(config)
+    if not 0.0 < config.optim.layer_decay <= 1.0 or config.optim.backbone_lr_mult < 0.0:
+        problems.append(f"optim.layer_decay={config.optim.layer_decay}, optim.backbone_lr_mult="
+                        f"{config.optim.backbone_lr_mult}: expected 0 < layer_decay <= 1 and backbone_lr_mult >= 0")
+    problems += _eval_problems(config.eval)
     if config.data.root is None:
         problems.append("data.root is not set: pass --data-root or --set data.root=PATH")
+    problems += _recipe_problems(config)
+    problems += _distill_problems(config)
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _unfreeze_problems(config: Config) -> list[str]:
+    plan = config.unfreeze
+    if plan is None:
+        return []
+    problems = []
+    fractions = [plan.initial_frozen_fraction] + [stage.frozen_fraction for stage in plan.stages]
+    if any(not 0.0 <= f <= 1.0 for f in fractions):
+        problems.append(f"unfreeze: frozen fractions {fractions} must lie in [0, 1]")
+    steps = [stage.at_step for stage in plan.stages]
+    if steps != sorted(set(steps)) or any(s <= 0 for s in steps):
+        problems.append(f"unfreeze.stages: at_step values {steps} must be positive and strictly increasing")
+    return problems
+
+
+def _eval_problems(section: EvalConfig) -> list[str]:
+    """Problems of the inference protocol (the same rules as mapsage_ds.inference.InferenceProtocol)."""
+    problems = []
+    if section.mode not in ("whole", "slide"):
+        problems.append(f"eval.mode={section.mode!r}: expected one of whole, slide")
+    if section.tile <= 0 or section.stride <= 0 or section.stride > section.tile:
+        problems.append(f"eval.tile={section.tile}, eval.stride={section.stride}: expected 0 < stride <= tile")
+    if not section.tta_scales or any(s <= 0 for s in section.tta_scales):
+        problems.append(f"eval.tta_scales={section.tta_scales}: expected one or more values > 0")
+    bad_flips = [f for f in section.tta_flip if f not in ("h", "v", "hv")]
+    if bad_flips or len(set(section.tta_flip)) != len(section.tta_flip):
+        problems.append(f"eval.tta_flip={section.tta_flip}: expected distinct values among h, v, hv")
+    if section.window_batch_size <= 0:
+        problems.append(f"eval.window_batch_size={section.window_batch_size}: expected a value > 0")
+    if section.boundary_width is not None and section.boundary_width < 1:
+        problems.append(f"eval.boundary_width={section.boundary_width}: expected pixels >= 1 (or null)")
+    if not 0.0 < section.boundary_dilation_ratio < 1.0:
+        problems.append(f"eval.boundary_dilation_ratio={section.boundary_dilation_ratio}: expected 0 < value < 1")
+    return problems
+
+
+def _recipe_problems(config: Config) -> list[str]:
+    """Problems of the loss, augmentation and sampler sections."""
+    loss, aug, problems = config.loss, config.data.augment, []
+    weights = {"ce": loss.ce, "dice": loss.dice, "lovasz": loss.lovasz, "boundary": loss.boundary}
+    problems += [f"loss.{k}={v}: expected a weight >= 0" for k, v in weights.items() if v < 0]
+    if loss.ce <= 0 and loss.dice <= 0 and loss.lovasz <= 0:
+        problems.append("loss: ce, dice and lovasz are all 0; give at least one a weight > 0")
+    if (loss.boundary > 0) != config.model.boundary_head:
+        problems.append(f"loss.boundary={loss.boundary} with model.boundary_head={config.model.boundary_head}: "
+                        "a boundary loss needs the boundary head and the head needs a loss weight > 0")
+    if not 0.0 <= loss.label_smoothing < 1.0:
+        problems.append(f"loss.label_smoothing={loss.label_smoothing}: expected 0 <= value < 1")
+    if loss.class_weights is not None and (len(loss.class_weights) != config.model.num_classes
+                                           or min(loss.class_weights) < 0):
+        problems.append(f"loss.class_weights={loss.class_weights}: expected {config.model.num_classes} values >= 0")
+    if loss.ohem is not None and not (0.0 < loss.ohem.thresh <= 1.0 and loss.ohem.min_kept >= 0):
+        problems.append(f"loss.ohem={loss.ohem}: expected 0 < thresh <= 1 and min_kept >= 0")
+    if loss.boundary_radius < 1:
+        problems.append(f"loss.boundary_radius={loss.boundary_radius}: expected a value >= 1")
+    if any(size <= 0 for size in aug.crop_sizes):
+        problems.append(f"data.augment.crop_sizes={aug.crop_sizes}: expected positive sizes")
+    if len(aug.scale_range) != 2 or not 0.0 < aug.scale_range[0] <= aug.scale_range[1]:
+        problems.append(f"data.augment.scale_range={aug.scale_range}: expected [low, high] with 0 < low <= high")
+    probabilities = {"rotate_prob": aug.rotate_prob, "mixup": aug.mixup, "cutmix": aug.cutmix}
+    if aug.color_jitter is not None:
+        probabilities["color_jitter.prob"] = aug.color_jitter.prob
+        jitter = aug.color_jitter
+        if min(jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) < 0 or jitter.hue > 0.5:
+            problems.append(f"data.augment.color_jitter={jitter}: expected values >= 0 and hue <= 0.5")
+    problems += [f"data.augment.{k}={v}: expected a probability in [0, 1]"
+                 for k, v in probabilities.items() if not 0.0 <= v <= 1.0]
+    if aug.mixup + aug.cutmix > 1.0:
+        problems.append(f"data.augment.mixup + cutmix = {aug.mixup + aug.cutmix}: a batch is one or the other, "
+                        "so the two probabilities must add up to at most 1")
+    if aug.mixup_alpha <= 0 or aug.cutmix_alpha <= 0:
+        problems.append("data.augment.mixup_alpha and cutmix_alpha: expected values > 0")
+    if not 0.0 <= aug.rotate_degrees <= 180.0:
+        problems.append(f"data.augment.rotate_degrees={aug.rotate_degrees}: expected 0 <= value <= 180")
+    if not 0.0 < config.data.repeat_thresh <= 1.0:
+        problems.append(f"data.repeat_thresh={config.data.repeat_thresh}: expected 0 < value <= 1")
+    return problems
+
+
+def _distill_problems(config: Config) -> list[str]:
+    """Problems of the task choice and the teacher and distill sections."""
+    teacher, distill, problems = config.teacher, config.distill, []
+    if config.task not in ("segment", "distill"):
+        problems.append(f"task={config.task!r}: expected one of segment, distill")
+    if teacher.precision not in ("auto", "bf16", "fp16", "fp32"):
+        problems.append(f"teacher.precision={teacher.precision!r}: expected one of auto, bf16, fp16, fp32")
+    weights = {"supervised": distill.supervised, "kl": distill.kl, "feature": distill.feature}
+    problems += [f"distill.{k}={v}: expected a weight >= 0" for k, v in weights.items() if v < 0]
+    if distill.temperature <= 0:
+        problems.append(f"distill.temperature={distill.temperature}: expected a value > 0")
+    if distill.feature_loss not in ("cosine", "mse"):
+        problems.append(f"distill.feature_loss={distill.feature_loss!r}: expected one of cosine, mse")
+    if teacher.bootstrap is not None and (teacher.bootstrap.max_steps <= 0 or teacher.bootstrap.lr <= 0):
+        problems.append(f"teacher.bootstrap={teacher.bootstrap}: expected max_steps > 0 and lr > 0")
+    # teacher.path is checked where the teacher is loaded (recipes leave it to --set, like data.root).
+    if config.task == "distill" and distill.kl <= 0 and distill.feature <= 0:
+        problems.append("task=distill with distill.kl and distill.feature both 0: nothing to distil")
+    return problems
 
 
 def save_resolved(config: Config, path: str | Path) -> None:

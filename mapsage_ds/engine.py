@@ -100,7 +100,7 @@ def zero_stage(ds_config: dict[str, Any]) -> int:
 def build_optimizer(
     param_groups: Sequence[dict[str, Any]], *, lr: float, betas: Sequence[float], eps: float
 ) -> torch.optim.Optimizer:
-    """torch AdamW over the given groups; each group's ``weight_decay`` is already set."""
+    """Torch AdamW over the given groups; each group's ``weight_decay`` is already set."""
     return torch.optim.AdamW(list(param_groups), lr=lr, betas=tuple(betas), eps=eps)
 
 

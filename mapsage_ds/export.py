@@ -20,10 +20,12 @@ import torch
 import torch.distributed as dist
 import yaml
 from deepspeed.utils import safe_get_full_fp32_param
+from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel, SegformerImageProcessor
 
 from mapsage_ds.errors import MapSageError
+from mapsage_ds.models.dinov3 import HEAD_CONFIG, HEAD_WEIGHTS, DINOv3Segmenter
 
 
 def gather_full_state_dict(model: nn.Module, *, stage: int) -> dict[str, torch.Tensor]:
@@ -52,7 +54,7 @@ def gather_full_state_dict(model: nn.Module, *, stage: int) -> dict[str, torch.T
 
 
 def write_hf_export(
-    model: PreTrainedModel,
+    model: PreTrainedModel | DINOv3Segmenter,
     state_dict: dict[str, torch.Tensor],
     out_dir: str | Path,
     *,
@@ -66,7 +68,10 @@ def write_hf_export(
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     # save_pretrained writes the hub key layout, which can differ from the in-memory names
     # (transformers 5 renamed SegFormer's modules but keeps checkpoints loadable by 4.x).
-    model.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
+    if isinstance(model, DINOv3Segmenter):
+        _write_dinov3(model, state_dict, staging)
+    else:
+        model.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
     _declare_float32(staging / "config.json")
     SegformerImageProcessor(
         do_resize=False, do_rescale=True, do_normalize=True, image_mean=list(image_mean),
@@ -83,6 +88,15 @@ def write_hf_export(
     else:
         os.replace(staging, out_dir)
     return out_dir
+
+
+def _write_dinov3(model: DINOv3Segmenter, state_dict: dict[str, torch.Tensor], staging: Path) -> None:
+    """Backbone as a plain ``DINOv3ViTModel`` directory; the head beside it in ``head.safetensors``."""
+    backbone = {k.removeprefix("backbone."): v for k, v in state_dict.items() if k.startswith("backbone.")}
+    head = {k.removeprefix("head."): v.contiguous() for k, v in state_dict.items() if k.startswith("head.")}
+    model.backbone.save_pretrained(staging, state_dict=backbone, safe_serialization=True)
+    save_file(head, str(staging / HEAD_WEIGHTS), metadata={"format": "pt"})
+    (staging / HEAD_CONFIG).write_text(json.dumps(model.head_config(), indent=2) + "\n")
 
 
 def _declare_float32(config_file: Path) -> None:

@@ -20,6 +20,7 @@ from mapsage_ds.errors import MapSageError
 from mapsage_ds.metrics import SegmentationMetrics
 from mapsage_ds.optim.schedule import LRSchedule
 from mapsage_ds.run_log import RunLogger
+from mapsage_ds.unfreeze import UnfreezePlan
 
 
 @dataclass
@@ -55,6 +56,8 @@ class Trainer:
     log_every: int
     keep_checkpoints: int
     client_config: dict[str, Any]
+    unfreeze_plan: UnfreezePlan = field(default_factory=UnfreezePlan)
+    rebuild_engine: Callable[[int, deepspeed.DeepSpeedEngine], deepspeed.DeepSpeedEngine] | None = None
     state: TrainState = field(default_factory=TrainState)
 
     def resume(self) -> None:
@@ -66,36 +69,48 @@ class Trainer:
 
     def fit(self) -> TrainState:
         """Train until ``max_steps``; returns the final state."""
-        engine, state = self.engine, self.state
-        engine.train()
+        state = self.state
+        self.engine.train()
         images_per_step = self.stream.sampler.batch_size * self.grad_accum_steps * self.ctx.world_size
         while state.step < self.max_steps:
+            if self.unfreeze_plan.is_boundary(state.step):
+                self.engine = self.rebuild_engine(state.step, self.engine)
+                self.engine.train()
+                self.logger.message(f"step {state.step}: unfreezing phase {self.unfreeze_plan.phase(state.step)}")
+            engine = self.engine
             started = time.perf_counter()
             lr = self.schedule.apply(engine.optimizer, state.step)
-            loss_sum = torch.zeros((), device=self.ctx.device)
+            # "loss" and every named part the task returns ("loss_ce", "loss_dice", ...).
+            loss_sums: dict[str, torch.Tensor] = {}
             for _ in range(self.grad_accum_steps):
                 batch = _to_device(next(self.stream), self.ctx.device)
                 outputs = engine(batch)
                 engine.backward(outputs["loss"])
                 engine.step()
-                loss_sum += outputs["loss"].detach().float()
+                for key in (k for k in outputs if k == "loss" or k.startswith("loss_")):
+                    loss_sums[key] = loss_sums.get(key, 0.0) + outputs[key].detach().float()
             state.step += 1
             if state.step % self.log_every == 0 or state.step == self.max_steps:
-                self._log_train(loss_sum / self.grad_accum_steps, lr, images_per_step, started)
+                self._log_train(loss_sums, lr, images_per_step, started)
             if state.step % self.eval_every == 0 or state.step == self.max_steps:
                 self._validate()
             if state.step % self.save_every == 0 or state.step == self.max_steps:
                 self.save()
         return state
 
-    def _log_train(self, loss: torch.Tensor, lr: float, images_per_step: int, started: float) -> None:
-        dist.all_reduce(loss)
-        loss_value = loss.item() / self.ctx.world_size
+    def _log_train(self, loss_sums: dict[str, torch.Tensor], lr: float, images_per_step: int,
+                   started: float) -> None:
+        # One all-reduce for all parts; every rank's task returns the same keys (same config).
+        names = sorted(loss_sums)
+        totals = torch.stack([torch.as_tensor(loss_sums[k], device=self.ctx.device) for k in names])
+        dist.all_reduce(totals)
+        losses = dict(zip(names, (totals / (self.ctx.world_size * self.grad_accum_steps)).tolist()))
+        loss_value = losses["loss"]
         if not math.isfinite(loss_value):
             raise MapSageError(f"training loss is {loss_value} at step {self.state.step}")
         synchronize(self.ctx.device)
         images_per_second = images_per_step / (time.perf_counter() - started)
-        values = {"loss": loss_value, "lr": lr, "images_per_s": images_per_second}
+        values = {**losses, "lr": lr, "images_per_s": images_per_second}
         self.logger.log(self.state.step, "train", values)
         self.logger.advance(self.state.step, {"loss": loss_value, "lr": lr})
 

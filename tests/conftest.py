@@ -84,3 +84,18 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture
+def one_process_world(monkeypatch: pytest.MonkeyPatch):
+    """A DeepSpeed world of one process inside the test process (as plain `python script.py` forms)."""
+    from mapsage_ds.accelerator import setup_distributed, teardown_distributed
+
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(key, "")  # registered for restoring, then removed
+        monkeypatch.delenv(key)
+    ctx = setup_distributed("cpu")
+    try:
+        yield ctx
+    finally:
+        teardown_distributed()

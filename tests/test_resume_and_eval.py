@@ -60,8 +60,7 @@ def test_evaluation_is_identical_on_one_and_two_processes(tmp_path, tiny_tree):
 def test_finetune_main_smoke(tmp_path, tiny_tree, monkeypatch):
     """scripts/finetune.py main(argv) in this process: one process, no launcher."""
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
-        monkeypatch.setenv(key, "")  # registered for restoring, then removed again
+        monkeypatch.setenv(key, "")  # registered for restoring, then removed: main() forms its own world
         monkeypatch.delenv(key)
     spec = importlib.util.spec_from_file_location("finetune_script", REPO / "scripts" / "finetune.py")
     script = importlib.util.module_from_spec(spec)

@@ -28,9 +28,13 @@ class TransformedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        # A multi-scale sampler (data/samplers.py BatchCropSizes) sends (index, crop_size) keys.
+        index, crop_size = key if isinstance(key, tuple) else (key, None)
         generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
-        return self.transform(self.base[index], generator)
+        if crop_size is None:
+            return self.transform(self.base[index], generator)
+        return self.transform(self.base[index], generator, crop_size=crop_size)
 
 
 class TrainSampler(Sampler[int]):
@@ -55,7 +59,8 @@ class TrainSampler(Sampler[int]):
         self.epoch, self.start_batch = epoch, start_batch
 
     def __iter__(self) -> Iterator[int]:
-        order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(sample_seed(self.seed, self.epoch)))
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch))
+        order = torch.randperm(self.num_samples, generator=generator)
         mine = order[self.rank::self.world_size][: self.batches_per_epoch * self.batch_size]
         return iter(mine[self.start_batch * self.batch_size:].tolist())
 
@@ -66,8 +71,9 @@ class TrainSampler(Sampler[int]):
 class TrainStream:
     """Endless iterator over training batches that knows (and restores) its position."""
 
-    def __init__(self, dataset: TransformedDataset, sampler: TrainSampler, *, num_workers: int) -> None:
-        self.dataset, self.sampler, self.num_workers = dataset, sampler, num_workers
+    def __init__(self, dataset: TransformedDataset, sampler: TrainSampler, *, num_workers: int,
+                 collate_fn: Callable[[list[dict]], dict] | None = None) -> None:
+        self.dataset, self.sampler, self.num_workers, self.collate_fn = dataset, sampler, num_workers, collate_fn
         self.epoch, self.batch_in_epoch = 0, 0
         self._iterator: Iterator[dict] | None = None
 
@@ -87,7 +93,7 @@ class TrainStream:
         # resumed run (which creates its iterator after restoring that RNG) would diverge.
         loader = DataLoader(
             self.dataset, batch_size=self.sampler.batch_size, sampler=self.sampler, drop_last=True,
-            num_workers=self.num_workers, pin_memory=False, persistent_workers=False,
+            num_workers=self.num_workers, pin_memory=False, persistent_workers=False, collate_fn=self.collate_fn,
             generator=torch.Generator().manual_seed(sample_seed(self.sampler.seed, self.epoch, 1)),
         )
         self._iterator = iter(loader)

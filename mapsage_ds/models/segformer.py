@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
 from mapsage_ds.errors import ConfigError
@@ -37,3 +39,31 @@ def segformer_config(size: str, class_names: list[str]) -> SegformerConfig:
 def build_segformer(size: str, class_names: list[str]) -> SegformerForSemanticSegmentation:
     """Randomly initialised SegFormer of the given size (HF weight init)."""
     return SegformerForSemanticSegmentation(segformer_config(size, class_names))
+
+
+# In-memory names (transformers >= 5: segformer.stages.S.blocks.J) and hub names
+# (segformer.encoder.block.S.J) are both understood.
+_BLOCK = re.compile(r"^segformer\.(?:stages\.(\d+)\.blocks|encoder\.block\.(\d+))\.(\d+)\.")
+_PATCH_EMBED = re.compile(r"^segformer\.(?:stages\.(\d+)\.patch_embeddings|encoder\.patch_embeddings\.(\d+))\.")
+_STAGE_NORM = re.compile(r"^segformer\.(?:stages\.(\d+)\.layer_norm|encoder\.layer_norm\.(\d+))\.")
+
+
+def segformer_layer_id(name: str, depths: list[int]) -> int | None:
+    """Layer id for layer-wise LR decay: the cumulative block index across the four MiT stages.
+
+    Blocks are numbered 1..sum(depths) in order; a stage's patch embedding takes the id of the
+    block before it (0 for the first stage), its closing norm the id of its last block. Returns
+    None for decode-head parameters.
+    """
+    starts = [sum(depths[:stage]) for stage in range(len(depths))]
+    if match := _BLOCK.match(name):
+        stage = int(match.group(1) or match.group(2))
+        return starts[stage] + int(match.group(3)) + 1
+    if match := _PATCH_EMBED.match(name):
+        return starts[int(match.group(1) or match.group(2))]
+    if match := _STAGE_NORM.match(name):
+        stage = int(match.group(1) or match.group(2))
+        return starts[stage] + depths[stage]
+    if name.startswith("decode_head."):
+        return None
+    raise ConfigError(f"no layer id for SegFormer parameter '{name}'")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 from transformers import PreTrainedModel
@@ -81,6 +82,19 @@ def _read_hf_directory(path: Path) -> dict[str, torch.Tensor]:
     if (path / "pytorch_model.bin").is_file():
         return read_state_dict(path / "pytorch_model.bin")
     raise MissingFileError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin inside")
+
+
+def checkpoint_keys(path: str | Path) -> list[str]:
+    """Tensor names of a local checkpoint without loading the tensors (safetensors headers)."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(path.glob("model*.safetensors"))
+    if not files:
+        return list(read_state_dict(path))
+    keys: list[str] = []
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            keys.extend(handle.keys())
+    return keys
 
 
 def _unwrap(data: object, path: Path) -> dict[str, torch.Tensor]:

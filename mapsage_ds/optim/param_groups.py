@@ -13,7 +13,9 @@ _NO_DECAY_NAME_PARTS = ("norm", "bias", "pos_embed", "position", "cls_token", "r
 
 def wants_weight_decay(name: str, param: nn.Parameter) -> bool:
     """Weights of matmuls and convolutions decay; norms, biases and embeddings-as-tokens do not."""
-    return param.ndim > 1 and not any(part in name for part in _NO_DECAY_NAME_PARTS)
+    # Under ZeRO-3 a parameter is an empty 1-D shard: its real shape is ds_shape.
+    shape = getattr(param, "ds_shape", param.shape)
+    return len(shape) > 1 and not any(part in name for part in _NO_DECAY_NAME_PARTS)
 
 
 def build_param_groups(
@@ -45,3 +47,27 @@ def build_param_groups(
         group["params"].append(param)
         group["names"].append(name)
     return [groups[key] for key in sorted(groups, key=lambda k: (k[0], k[1]))]
+
+
+def layer_decay_scale(
+    *,
+    layer_id: Callable[[str], int | None],
+    num_layers: int,
+    layer_decay: float,
+    backbone_lr_mult: float,
+    model_prefix: str = "model.",
+) -> Callable[[str], float]:
+    """Learning-rate multiplier per parameter name for layer-wise decay.
+
+    A backbone parameter with layer id ``i`` gets ``backbone_lr_mult × layer_decay^(num_layers + 1 − i)``;
+    head parameters (layer id None, or outside ``model_prefix``, e.g. auxiliary heads of the task) get 1.
+    """
+    def scale(name: str) -> float:
+        if not name.startswith(model_prefix):
+            return 1.0
+        layer = layer_id(name.removeprefix(model_prefix))
+        if layer is None:
+            return 1.0
+        return backbone_lr_mult * layer_decay ** (num_layers + 1 - layer)
+
+    return scale

@@ -1,0 +1,80 @@
+"""Check 6: validation during training and the final evaluation use the same settings.
+
+Both run :func:`mapsage_ds.evaluation.run_evaluation` with a
+:class:`~mapsage_ds.inference.Predictor` built from an inference protocol, so identical settings
+mean identical numbers; this check lists every setting in which the two differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from mapsage_ds.config import EvalConfig, from_dict, read_yaml
+from mapsage_ds.errors import ConfigError
+from mapsage_ds.health.result import CheckResult, failed, passed
+
+
+def scored_settings(section: EvalConfig) -> dict[str, object]:
+    """The settings of an evaluation section that change its scores (slide geometry only in slide mode).
+
+    Batch sizes are left out: every image is predicted on its own, so they change nothing.
+    """
+    values: dict[str, object] = {"mode": section.mode}
+    if section.mode == "slide":
+        values.update(tile=section.tile, stride=section.stride)
+    values["tta_scales"] = [float(s) for s in section.tta_scales]
+    values["tta_flip"] = sorted(section.tta_flip)
+    values["boundary_band"] = (f"{section.boundary_width} px" if section.boundary_width is not None
+                               else f"{section.boundary_dilation_ratio:g} of the diagonal")
+    values["max_images"] = section.max_images
+    return values
+
+
+def check_evaluation_consistency(validation: EvalConfig, final: EvalConfig, *, final_source: str) -> CheckResult:
+    """Validation's settings (``config.eval``) equal the final evaluation's (listing every difference).
+
+    Args:
+        validation: The run's ``eval`` section, used by validation during training.
+        final: The settings of the final evaluation (a tracks file's ``evaluation`` section, or
+            ``scripts/evaluate.py``'s defaults).
+        final_source: Where ``final`` came from, for the message.
+    """
+    name = "6.evaluation_consistency"
+    ours, theirs = scored_settings(validation), scored_settings(final)
+    keys = list(dict.fromkeys([*ours, *theirs]))
+    differences = {key: (ours.get(key, "n/a"), theirs.get(key, "n/a")) for key in keys
+                   if ours.get(key, "n/a") != theirs.get(key, "n/a")}
+    summary = ours["mode"] + (f" {ours['tile']}/{ours['stride']}" if ours["mode"] == "slide" else "")
+    summary += f", scales {ours['tta_scales']}, flips {ours['tta_flip'] or 'none'}"
+    details = {"validation": ours, "final": theirs, "final_source": final_source,
+               "differences": {k: {"validation": a, "final": b} for k, (a, b) in differences.items()}}
+    if differences:
+        listed = "; ".join(f"{key}: validation {a} vs final {b}" for key, (a, b) in differences.items())
+        return failed(name, f"{len(differences)} difference(s)", f"validation and final evaluation ({final_source}) "
+                      f"differ: {listed}",
+                      "use one protocol: set the run's eval.* to the final evaluation's settings (run_tracks.py "
+                      "passes its evaluation section to every track)", **details)
+    return passed(name, summary, f"validation and final evaluation ({final_source}) use the same settings and "
+                                 "the same evaluator (run_evaluation)", **details)
+
+
+def read_final_eval(path: str | Path | None) -> tuple[EvalConfig, str]:
+    """The final evaluation's settings and where they came from.
+
+    ``path`` is a tracks file (its ``evaluation`` section) or a run config (its ``eval``
+    section); keys that are not evaluation settings (split, data root ...) are left aside.
+    Without a file, the settings are ``scripts/evaluate.py``'s defaults.
+
+    Raises:
+        ConfigError: if the file has neither section, or a setting is invalid.
+    """
+    if path is None:
+        return EvalConfig(), "scripts/evaluate.py defaults"
+    data = read_yaml(path)
+    key = "evaluation" if "evaluation" in data else "eval" if "eval" in data else None
+    if key is None:
+        raise ConfigError(f"{path}: no 'evaluation' (tracks file) or 'eval' (run config) section")
+    names = {f.name for f in dataclasses.fields(EvalConfig)}
+    section = {k: v for k, v in (data[key] or {}).items() if k in names}
+    return from_dict(EvalConfig, section, prefix=f"{key}."), f"{path} ({key})"

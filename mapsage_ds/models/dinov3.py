@@ -1,0 +1,206 @@
+"""DINOv3 ViT backbone (HF ``DINOv3ViTModel``) with a multi-level fusion segmentation head.
+
+Patch tokens are taken from several intermediate layers, normalised with the backbone's final
+norm, stripped of the CLS and register tokens, reshaped to (B, C, H/16, W/16) maps and fused by
+:class:`FusionHead` into class logits at 1/4 of the input resolution.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DINOv3ViTConfig, DINOv3ViTModel
+from transformers.modeling_outputs import SemanticSegmenterOutput
+
+from mapsage_ds.errors import ConfigError, MissingFileError
+from mapsage_ds.models.weights import KeyReport
+
+# Satellite checkpoints (dinov3-*-pretrain-sat493m); the "test" preset is for unit tests only.
+DINOV3_PRESETS: dict[str, dict] = {
+    "test": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2),
+    "vitl16": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                   layerscale_value=1e-5),
+    "vit7b16": dict(hidden_size=4096, intermediate_size=8192, num_hidden_layers=40, num_attention_heads=32,
+                    layerscale_value=1e-5, use_gated_mlp=True, hidden_act="silu"),
+}
+SATELLITE_MEAN = (0.430, 0.411, 0.296)
+SATELLITE_STD = (0.213, 0.156, 0.143)
+PATCH_SIZE = 16
+HEAD_WEIGHTS = "head.safetensors"
+HEAD_CONFIG = "mapsage_head.json"
+
+
+def dinov3_config(preset: str, *, pretrained: str | None = None, drop_path_rate: float = 0.0) -> DINOv3ViTConfig:
+    """Backbone config: the local checkpoint's own ``config.json`` when given, else a preset.
+
+    RoPE coordinate augmentation (shift, jitter, rescale) is switched off: it was a pretraining
+    augmentation, and with it two forwards of the same image differ in train mode.
+    """
+    overrides = dict(pos_embed_shift=None, pos_embed_jitter=None, pos_embed_rescale=None,
+                     drop_path_rate=drop_path_rate)
+    if pretrained is not None:
+        config_file = Path(pretrained) / "config.json"
+        if not config_file.is_file():
+            raise MissingFileError(f"model.pretrained={pretrained}: a DINOv3 checkpoint directory with "
+                                   f"config.json is expected (HF layout)")
+        config = DINOv3ViTConfig.from_dict({**json.loads(config_file.read_text()), **overrides})
+        return config
+    if preset not in DINOV3_PRESETS:
+        raise ConfigError(f"model.size='{preset}': expected one of {', '.join(DINOV3_PRESETS)} for arch dinov3")
+    return DINOv3ViTConfig(patch_size=PATCH_SIZE, num_register_tokens=4, key_bias=False,
+                           **DINOV3_PRESETS[preset], **overrides)
+
+
+def default_feature_layers(num_layers: int, count: int = 4) -> list[int]:
+    """``count`` evenly spaced layer indices ending with the last one (e.g. 24 -> 5, 11, 17, 23)."""
+    step = num_layers // count
+    return [num_layers - 1 - step * (count - 1 - i) for i in range(count)]
+
+
+class FusionHead(nn.Module):
+    """Project each level, upsample to 1/4 resolution, concatenate, fuse, classify.
+
+    Shape:
+        features: ``levels`` tensors (B, C_in, h, w) -> logits (B, num_classes, 4h, 4w)
+    """
+
+    def __init__(self, in_channels: int, levels: int, channels: int, num_classes: int, dropout: float = 0.1):
+        super().__init__()
+        self.projections = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(in_channels, channels, 1, bias=False), nn.BatchNorm2d(channels), nn.GELU())
+            for _ in range(levels)
+        )
+        self.fuse = nn.Sequential(nn.Conv2d(channels * levels, channels, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(channels), nn.GELU())
+        self.dropout = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        height, width = features[0].shape[-2] * 4, features[0].shape[-1] * 4
+        projected = [
+            F.interpolate(project(f), size=(height, width), mode="bilinear", align_corners=False)
+            for project, f in zip(self.projections, features, strict=True)
+        ]
+        return self.classifier(self.dropout(self.fuse(torch.cat(projected, dim=1))))
+
+
+class DINOv3Segmenter(nn.Module):
+    """DINOv3 ViT + :class:`FusionHead`; ``forward(pixel_values)`` returns ``.logits`` at 1/4 resolution.
+
+    Inputs whose sides are not multiples of 16 are zero-padded (DINOv3 would silently floor
+    them) and the logits are cropped back to the unpadded extent.
+    """
+
+    def __init__(
+        self,
+        backbone_config: DINOv3ViTConfig,
+        *,
+        num_classes: int,
+        feature_layers: list[int] | None = None,
+        head_channels: int = 256,
+        pretrained: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone_report: KeyReport | None = None
+        if pretrained is not None:
+            self.backbone, info = DINOv3ViTModel.from_pretrained(pretrained, config=backbone_config,
+                                                                 output_loading_info=True)
+            self.backbone_report = _loading_report(pretrained, self.backbone, info)
+        else:
+            # _from_config runs HF weight initialisation (plain construction under zero.Init skips it).
+            self.backbone = DINOv3ViTModel._from_config(backbone_config)
+        layers = backbone_config.num_hidden_layers
+        self.feature_layers = feature_layers or default_feature_layers(layers)
+        if any(not 0 <= i < layers for i in self.feature_layers):
+            raise ConfigError(f"model.feature_layers={self.feature_layers}: expected indices in 0..{layers - 1}")
+        self.prefix_tokens = 1 + backbone_config.num_register_tokens
+        self.num_classes, self.head_channels = num_classes, head_channels
+        self.head = FusionHead(backbone_config.hidden_size, len(self.feature_layers), head_channels, num_classes)
+
+    def head_config(self) -> dict:
+        """What :func:`load_dinov3_export` needs to rebuild the head."""
+        return {"arch": "dinov3", "num_classes": self.num_classes, "feature_layers": self.feature_layers,
+                "head_channels": self.head_channels}
+
+    def extract_features(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """Normalised patch-token maps (B, C, H/16, W/16) of the chosen layers (input already padded)."""
+        batch, _, height, width = pixel_values.shape
+        hidden = self.backbone(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+        grid = (height // PATCH_SIZE, width // PATCH_SIZE)
+        maps = []
+        for index in self.feature_layers:
+            tokens = self.backbone.norm(hidden[index + 1])[:, self.prefix_tokens:]  # hidden[0] is the embedding
+            maps.append(tokens.transpose(1, 2).reshape(batch, -1, *grid))
+        return maps
+
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> SemanticSegmenterOutput:
+        height, width = pixel_values.shape[-2:]
+        pad_h, pad_w = -height % PATCH_SIZE, -width % PATCH_SIZE
+        padded = F.pad(pixel_values, (0, pad_w, 0, pad_h)) if pad_h or pad_w else pixel_values
+        features = self.extract_features(padded)
+        logits = self.head(features)
+        logits = logits[..., : -(-height // 4), : -(-width // 4)]
+        return SemanticSegmenterOutput(logits=logits, hidden_states=tuple(features) if output_hidden_states else None)
+
+
+def load_dinov3_export(path: str | Path) -> DINOv3Segmenter:
+    """Rebuild a :class:`DINOv3Segmenter` from an export directory (backbone + head files)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    head = json.loads((path / HEAD_CONFIG).read_text())
+    config = DINOv3ViTConfig.from_pretrained(str(path))
+    model = DINOv3Segmenter(config, num_classes=head["num_classes"], feature_layers=head["feature_layers"],
+                            head_channels=head["head_channels"], pretrained=str(path))
+    if model.backbone_report.missing or model.backbone_report.unexpected:
+        raise MissingFileError(f"{path}: backbone weights incomplete\n{model.backbone_report.summary()}")
+    model.head.load_state_dict(load_file(str(path / HEAD_WEIGHTS)), strict=True)
+    return model
+
+
+def _loading_report(source: str, model: nn.Module, info: dict) -> KeyReport:
+    """KeyReport from transformers' loading info.
+
+    Under ZeRO-3 transformers does not report unexpected keys, so they are recomputed from the
+    checkpoint's own key list.
+    """
+    missing = sorted(info.get("missing_keys", []))
+    mismatched = [(k, tuple(a), tuple(b)) for k, a, b in info.get("mismatched_keys", [])]
+    unexpected = sorted(info.get("unexpected_keys", []))
+    if not unexpected:
+        from mapsage_ds.models.weights import checkpoint_keys
+
+        expected = {_hub_name(k) for k in model.state_dict()}
+        unexpected = sorted(k for k in checkpoint_keys(source) if _hub_name(k) not in expected)
+    bad = set(missing) | {k for k, _, _ in mismatched}
+    matched = [k for k in model.state_dict() if k not in bad]
+    return KeyReport(source=source, matched=matched, missing=missing, unexpected=unexpected,
+                     shape_mismatched=mismatched)
+
+
+def _hub_name(key: str) -> str:
+    """In memory DINOv3 blocks are ``model.layer.N``; checkpoints store ``layer.N``."""
+    return key.removeprefix("model.")
+
+
+_LAYER = re.compile(r"^backbone\.(?:model\.)?layer\.(\d+)\.")
+
+
+def dinov3_layer_id(name: str, num_layers: int) -> int | None:
+    """Layer id for layer-wise LR decay: embeddings 0, block i -> i + 1, final norm -> num_layers + 1.
+
+    Returns None for head parameters (which are not part of the backbone).
+    """
+    if name.startswith("head."):
+        return None
+    if name.startswith("backbone.embeddings."):
+        return 0
+    match = _LAYER.match(name)
+    if match:
+        return int(match.group(1)) + 1
+    return num_layers + 1  # backbone.norm and anything after the blocks

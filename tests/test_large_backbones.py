@@ -1,0 +1,94 @@
+"""DINOv3 adapter: presets on the meta device, padding, ZeRO-3 born-sharded construction, dry run."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import deepspeed
+import pytest
+import torch
+
+from conftest import REPO
+from mapsage_ds.data.classes import LOVEDA_CLASSES
+from mapsage_ds.engine import fill_ds_config, read_ds_config
+from mapsage_ds.errors import DataError
+from mapsage_ds.models.dinov3 import DINOv3Segmenter, default_feature_layers, dinov3_config
+from mapsage_ds.models.factory import build_model
+from mapsage_ds.optim import build_param_groups
+
+CLASSES = list(LOVEDA_CLASSES)
+
+
+@pytest.mark.parametrize("preset,layers,dim,params_b", [("vitl16", 24, 1024, 0.30), ("vit7b16", 40, 4096, 6.7)])
+def test_presets_match_the_published_backbones_on_the_meta_device(preset, layers, dim, params_b):
+    config = dinov3_config(preset)
+    assert (config.num_hidden_layers, config.hidden_size, config.patch_size, config.num_register_tokens) == (
+        layers, dim, 16, 4)
+    with torch.device("meta"):
+        model = DINOv3Segmenter(config, num_classes=7)
+    backbone = sum(p.numel() for p in model.backbone.parameters()) / 1e9
+    assert backbone == pytest.approx(params_b, rel=0.05)
+    assert all(p.is_meta for p in model.parameters())
+    assert config.pos_embed_rescale is None  # deterministic forwards in train mode
+
+
+def test_feature_layers_and_non_multiple_of_16_inputs_are_padded_not_floored():
+    assert default_feature_layers(24) == [5, 11, 17, 23]
+    assert default_feature_layers(40) == [9, 19, 29, 39]
+    model = build_model(arch="dinov3", size="test", class_names=CLASSES, drop_path_rate=0.0).module.eval()
+    image = torch.randn(1, 3, 50, 70)
+    logits = model(pixel_values=image).logits
+    assert logits.shape[-2:] == (13, 18)  # ceil(50 / 4), ceil(70 / 4)
+    # the padded pixels are zeros: running the explicitly padded image gives the same logits
+    padded = torch.nn.functional.pad(image, (0, 10, 0, 14))
+    assert torch.allclose(model(pixel_values=padded).logits[..., :13, :18], logits, atol=1e-5)
+    # train mode is deterministic too once stochastic depth and dropout are off (RoPE rescaling is off)
+    model.train()
+    model.head.dropout.p = 0.0
+    with torch.no_grad():
+        assert torch.equal(model(pixel_values=padded).logits, model(pixel_values=padded).logits)
+
+
+def _zero3_config() -> dict:
+    return fill_ds_config(read_ds_config("zero3_fp32"), micro_batch_size=1, grad_accum_steps=1, world_size=1,
+                          grad_clip=1.0)
+
+
+def test_zero3_construction_is_born_sharded_and_loads_the_saved_weights(tmp_path, one_process_world):
+    source = build_model(arch="dinov3", size="test", class_names=CLASSES).module
+    source.backbone.save_pretrained(tmp_path / "backbone")
+    built = build_model(arch="dinov3", size="test", class_names=CLASSES, pretrained=str(tmp_path / "backbone"),
+                        ds_config=_zero3_config())
+    params = dict(built.module.backbone.named_parameters())
+    assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in params.values())
+    expected = dict(source.backbone.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        for name, param in params.items():
+            assert torch.equal(param.data, expected[name].data), name
+
+
+def test_a_backbone_checkpoint_with_missing_keys_is_an_error(tmp_path):
+    source = build_model(arch="dinov3", size="test", class_names=CLASSES).module
+    state = {k: v for k, v in source.backbone.state_dict().items() if ".layer.3." not in k}
+    source.backbone.save_pretrained(tmp_path / "partial", state_dict=state)
+    with pytest.raises(DataError, match="backbone keys missing"):
+        build_model(arch="dinov3", size="test", class_names=CLASSES, pretrained=str(tmp_path / "partial"))
+
+
+def test_dry_run_reports_the_7b_plan_without_materialising_it(capsys):
+    spec = importlib.util.spec_from_file_location("finetune_script", REPO / "scripts" / "finetune.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--recipe", "dinov3_sat_vit7b_loveda", "--data-root", "/not/read", "--dry-run", "--cards", "8"])
+    out = capsys.readouterr().out
+    assert "of 6,72" in out and "75% of the backbone frozen" in out and "Recommended:" in out
+
+
+def test_weight_decay_split_is_the_same_for_zero3_shards(one_process_world):
+    """ZeRO-3 parameters are empty 1-D shards; the decay split must use their real shapes."""
+    reference = build_model(arch="dinov3", size="test", class_names=CLASSES).module
+    expected = {n for g in build_param_groups(reference.named_parameters(), weight_decay=0.1)
+                if g["weight_decay"] for n in g["names"]}
+    sharded = build_model(arch="dinov3", size="test", class_names=CLASSES, ds_config=_zero3_config()).module
+    groups = build_param_groups(sharded.named_parameters(), weight_decay=0.1)
+    assert expected and {n for g in groups if g["weight_decay"] for n in g["names"]} == expected
