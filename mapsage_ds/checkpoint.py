@@ -71,10 +71,15 @@ def latest_tag(root: str | Path) -> str | None:
 
 def latest_step(root: str | Path) -> int:
     """Optimizer step of the newest checkpoint under ``root``."""
+    return int(_resume_tag(root).removeprefix("step_"))
+
+
+def _resume_tag(root: str | Path) -> str:
+    """Tag to resume from; no checkpoint is an error."""
     tag = latest_tag(root)
     if tag is None:
         raise MissingFileError(f"--resume: no checkpoint in {root} (no 'latest' file)")
-    return int(tag.removeprefix("step_"))
+    return tag
 
 
 def load_checkpoint(
@@ -85,9 +90,7 @@ def load_checkpoint(
     Returns:
         The client state saved with it (step, data position, best score, config).
     """
-    tag = latest_tag(root)
-    if tag is None:
-        raise MissingFileError(f"--resume: no checkpoint in {root} (no 'latest' file)")
+    tag = _resume_tag(root)
     rng_file = Path(root) / tag / f"rng_rank{ctx.rank}.pt"
     if not rng_file.is_file():
         raise MissingFileError(f"--resume: {rng_file} missing; was the run saved with a different world size?")

@@ -20,30 +20,9 @@ from typing import Any
 
 import yaml
 
+from mapsage_ds.data.synthetic import SyntheticSpec
+from mapsage_ds.data.transforms import ColorJitter
 from mapsage_ds.errors import ConfigError, MissingFileError
-
-
-@dataclass
-class SyntheticConfig:
-    """Size of the generated LoveDA-format tree used by the demo and the tests."""
-
-    size: int = 256
-    train_per_scene: int = 24
-    val_per_scene: int = 8
-    test_per_scene: int = 4
-    nodata_fraction: float = 0.3
-    seed: int = 0
-
-
-@dataclass
-class ColorJitterConfig:
-    """Random brightness, contrast, saturation (factors 1 ± value) and hue (shift ± value, in turns)."""
-
-    brightness: float = 0.2
-    contrast: float = 0.2
-    saturation: float = 0.2
-    hue: float = 0.05
-    prob: float = 0.8
 
 
 @dataclass
@@ -56,7 +35,7 @@ class AugmentConfig:
     rot90: bool = False  # rotate by a random multiple of 90 degrees
     rotate_degrees: float = 0.0  # rotate by an angle in ±degrees; new pixels are ignored
     rotate_prob: float = 0.5
-    color_jitter: ColorJitterConfig | None = None
+    color_jitter: ColorJitter | None = None
     mixup: float = 0.0  # probability that a batch is a MixUp batch
     mixup_alpha: float = 0.4
     cutmix: float = 0.0  # probability that a batch is a CutMix batch
@@ -73,7 +52,7 @@ class DataConfig:
     train_split: str = "Train"
     val_split: str = "Val"
     # Generate a synthetic LoveDA-format tree at `root` when set (demo and tests only).
-    synthetic: SyntheticConfig | None = None
+    synthetic: SyntheticSpec | None = None
     hf_image_column: str = "image"
     hf_mask_column: str = "mask"
     hf_mask_encoding: str = "loveda_raw"  # loveda_raw | index

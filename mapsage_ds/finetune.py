@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +20,8 @@ from mapsage_ds.data.loaders import TrainSampler, TrainStream, TransformedDatase
 from mapsage_ds.data.loveda import LoveDA
 from mapsage_ds.data.mixing import MixCollate
 from mapsage_ds.data.samplers import BatchCropSizes, ClassAwareSampler, class_presence, repeat_factors
-from mapsage_ds.data.synthetic import SyntheticSpec, ensure_synthetic_tree
-from mapsage_ds.data.transforms import ColorJitter, Normalize, TrainTransform
+from mapsage_ds.data.synthetic import ensure_synthetic_tree
+from mapsage_ds.data.transforms import Normalize, TrainTransform
 from mapsage_ds.engine import (
     average_buffers,
     build_optimizer,
@@ -51,7 +50,7 @@ from mapsage_ds.unfreeze import UnfreezePlan, capture_trainable_state, restore_t
 def prepare_data_root(data: DataConfig, ctx: DistributedContext) -> None:
     """Generate the synthetic tree once (rank 0) when the config asks for one."""
     if data.synthetic is not None and ctx.is_main:
-        ensure_synthetic_tree(data.root, SyntheticSpec(**asdict(data.synthetic)))
+        ensure_synthetic_tree(data.root, data.synthetic)
     dist.barrier()
 
 
@@ -66,10 +65,9 @@ def build_dataset(data: DataConfig, split: str) -> Dataset:
 def build_train_transform(data: DataConfig, normalize: Normalize) -> TrainTransform:
     """The per-sample training augmentation ``data`` and ``data.augment`` describe."""
     aug = data.augment
-    jitter = None if aug.color_jitter is None else ColorJitter(**asdict(aug.color_jitter))
     return TrainTransform(crop_size=data.crop_size, hflip=data.hflip, normalize=normalize,
                           scale_range=tuple(aug.scale_range), vflip=aug.vflip, rot90=aug.rot90,
-                          rotate_degrees=aug.rotate_degrees, rotate_prob=aug.rotate_prob, color_jitter=jitter)
+                          rotate_degrees=aug.rotate_degrees, rotate_prob=aug.rotate_prob, color_jitter=aug.color_jitter)
 
 
 def build_train_stream(data: DataConfig, train_data: TransformedDataset, ctx: DistributedContext, *,

@@ -36,7 +36,7 @@ from typing import Any
 
 from mapsage_ds.accelerator import visible_devices_env
 from mapsage_ds.config import EvalConfig, from_dict, load_config, read_yaml
-from mapsage_ds.data.synthetic import SyntheticSpec, ensure_synthetic_tree
+from mapsage_ds.data.synthetic import ensure_synthetic_tree
 from mapsage_ds.errors import ConfigError, MapSageError
 from mapsage_ds.inference import InferenceProtocol
 from mapsage_ds.report import leaderboard_markdown, read_report
@@ -398,7 +398,7 @@ class TrackRunner:
             status.data_root = str(self.config.evaluation.data_root or resolved.data.root)
             if resolved.data.synthetic is not None:
                 # Generated once here: tracks sharing the root would race to write it.
-                ensure_synthetic_tree(resolved.data.root, SyntheticSpec(**asdict(resolved.data.synthetic)))
+                ensure_synthetic_tree(resolved.data.root, resolved.data.synthetic)
             port = self._port(track)
             launch = launch_command("finetune.py", [*args, "--accelerator", self.accelerator], nproc=track.nproc,
                                     cards=track.cards, accelerator=self.accelerator, launcher=self.config.launcher,

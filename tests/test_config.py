@@ -12,13 +12,13 @@ import yaml
 from mapsage_ds.config import (
     Config,
     DataConfig,
-    SyntheticConfig,
     load_config,
     read_recipe,
     recipe_names,
     save_resolved,
     to_dict,
 )
+from mapsage_ds.data.synthetic import SyntheticSpec
 from mapsage_ds.errors import ConfigError, MissingFileError
 
 ROOT = ["data.root=/x"]
@@ -80,8 +80,8 @@ def test_every_recipe_resolves_and_keeps_its_values(name: str) -> None:
 
 def test_demo_recipe_builds_the_nested_synthetic_section() -> None:
     config = load_config(recipe="demo")
-    assert isinstance(config.data.synthetic, SyntheticConfig)
-    assert config.data.synthetic == SyntheticConfig(**read_recipe("demo")["data"]["synthetic"])
+    assert isinstance(config.data.synthetic, SyntheticSpec)
+    assert config.data.synthetic == SyntheticSpec(**read_recipe("demo")["data"]["synthetic"])
 
 
 def test_unknown_recipe_lists_and_suggests_names() -> None:
@@ -160,7 +160,7 @@ def test_nested_overrides_with_typed_values() -> None:
     assert config.eval.max_images == 5
     assert config.model.pretrained == "/w/model.safetensors"
     # Setting one key of an absent optional section builds it with defaults for the rest.
-    assert config.data.synthetic == SyntheticConfig(size=64)
+    assert config.data.synthetic == SyntheticSpec(size=64)
     assert config.optim.grad_clip == 2.0 and type(config.optim.grad_clip) is float
 
 
