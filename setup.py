@@ -1,17 +1,27 @@
-"""Install MapSage DS. torch is pinned to the 2.14.1 / torchvision 0.29.1 pair (see README)."""
+"""Install MapSage DS.
+
+torch and torchvision are declared as ranges: servers ship their own torch (a vendor build such as
+Enflame's torch_gcu pairs with its own torch release, clusters have their CUDA image), and pip must
+keep it rather than replace it.
+"""
 
 from setuptools import find_packages, setup
+
+COMMANDS = ("finetune", "distill", "evaluate", "predict", "plan", "health", "tracks", "leaderboard", "convert")
 
 setup(
     name="mapsage_ds",
     version="0.1.0",
     description="DeepSpeed fine-tuning of large vision models for remote-sensing semantic segmentation",
-    packages=find_packages(include=["mapsage_ds", "mapsage_ds.*"]),
-    package_data={"mapsage_ds": ["recipes/*.yaml"]},
+    # ds_configs/ stays at the top of the repository and is installed as mapsage_ds.ds_configs.
+    packages=find_packages(include=["mapsage_ds", "mapsage_ds.*"]) + ["mapsage_ds.ds_configs"],
+    package_dir={"mapsage_ds.ds_configs": "ds_configs"},
+    package_data={"mapsage_ds": ["recipes/*.yaml"], "mapsage_ds.ds_configs": ["*.json"]},
+    entry_points={"console_scripts": [f"mapsage-{name} = mapsage_ds.cli.{name}:console" for name in COMMANDS]},
     python_requires=">=3.10",
     install_requires=[
-        "torch==2.14.1",
-        "torchvision==0.29.1",
+        "torch>=2.4",
+        "torchvision>=0.19",
         "deepspeed>=0.16",
         "transformers>=4.56",
         "timm>=1.0",
@@ -29,7 +39,10 @@ setup(
     ],
     extras_require={
         # segmentation-models-pytorch: the independent reference for the Dice and Lovász tests.
-        "test": ["pytest>=8", "ninja", "segmentation-models-pytorch>=0.5"],
+        # mmsegmentation (+ mmengine, mmcv-lite): the reference MiT and the training-checkpoint format of the
+        # weights converter; segment-anything: Meta's SAM, the reference of the SAM converter.
+        "test": ["pytest>=8", "ninja", "segmentation-models-pytorch>=0.5", "mmsegmentation==1.2.2", "mmengine>=0.10",
+                 "mmcv-lite>=2.0.0rc4,<2.2.0", "ftfy", "segment-anything==1.0"],
         # kornia: a candidate backend measured by scripts/benchmark_data.py.
         "bench": ["kornia>=0.8"],
     },

@@ -20,9 +20,11 @@ from typing import Any
 
 import yaml
 
+from mapsage_ds.data.classes import NUM_CLASSES
 from mapsage_ds.data.synthetic import SyntheticSpec
 from mapsage_ds.data.transforms import ColorJitter
 from mapsage_ds.errors import ConfigError, MissingFileError
+from mapsage_ds.evaluation.protocol import EvalProtocol
 
 
 @dataclass
@@ -65,13 +67,25 @@ class DataConfig:
 
 
 @dataclass
+class NormalizationConfig:
+    """Input statistics (RGB in [0, 1] units) overriding those of the checkpoint's pretraining data."""
+
+    mean: list[float]
+    std: list[float]
+
+
+@dataclass
 class ModelConfig:
     """Which network to build and which local weights to start from."""
 
     arch: str = "segformer"  # segformer | dinov3
-    size: str = "b0"  # segformer: test | mini | b0 .. b5; dinov3: test | vitl16 | vit7b16
-    pretrained: str | None = None  # local HF directory, .safetensors or .pth/.pt/.bin state dict
-    num_classes: int = 7
+    # segformer: auto | test | mini | b0 .. b5; dinov3: auto | test | vitl16 | vit7b16. With model.pretrained the
+    # architecture comes from the checkpoint: auto takes it, a named size is checked against it.
+    size: str = "b0"
+    # Local weights (docs/weights.md): HF directory or .safetensors; NVlabs, mmsegmentation or Meta DINOv3 .pth
+    pretrained: str | None = None
+    # None: the statistics of the checkpoint's pretraining data (SAT-493M satellite; LVD-1689M, ImageNet)
+    normalization: NormalizationConfig | None = None
     drop_path_rate: float = 0.1
     boundary_head: bool = False  # auxiliary boundary head for training (never exported); needs loss.boundary > 0
 
@@ -125,24 +139,6 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     seed: int = 0
-
-
-@dataclass
-class EvalConfig:
-    """Validation protocol; identical for every experiment so tracks compare fairly."""
-
-    batch_size: int = 1
-    max_images: int | None = None  # evaluate on the first N images only (None: all)
-    # Inference protocol (mapsage_ds.inference.InferenceProtocol); scripts/evaluate.py takes the same.
-    mode: str = "whole"  # whole | slide
-    tile: int = 512  # slide: window side in pixels
-    stride: int = 256  # slide: step between windows, <= tile
-    tta_scales: list[float] = field(default_factory=lambda: [1.0])
-    tta_flip: list[str] = field(default_factory=list)  # extra views: any of h, v, hv
-    window_batch_size: int = 8  # slide: windows per forward pass
-    # Boundary IoU band (Cheng et al., 2021): a width in pixels, else this fraction of the image diagonal.
-    boundary_width: int | None = None
-    boundary_dilation_ratio: float = 0.02
 
 
 @dataclass
@@ -208,7 +204,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: EvalProtocol = field(default_factory=EvalProtocol)
     loss: LossConfig = field(default_factory=LossConfig)
     unfreeze: UnfreezeConfig | None = None
     task: str = "segment"  # segment | distill (tasks/factory.py)
@@ -411,7 +407,6 @@ def validate(config: Config) -> None:
         "train.keep_checkpoints": config.train.keep_checkpoints,
         "data.crop_size": config.data.crop_size,
         "eval.batch_size": config.eval.batch_size,
-        "model.num_classes": config.model.num_classes,
         "optim.lr": config.optim.lr,
     }
     problems += [f"{key}={value!r}: expected a value > 0" for key, value in positive.items() if value <= 0]
@@ -423,9 +418,12 @@ def validate(config: Config) -> None:
     if not 0.0 < config.optim.layer_decay <= 1.0 or config.optim.backbone_lr_mult < 0.0:
         problems.append(f"optim.layer_decay={config.optim.layer_decay}, optim.backbone_lr_mult="
                         f"{config.optim.backbone_lr_mult}: expected 0 < layer_decay <= 1 and backbone_lr_mult >= 0")
-    problems += _eval_problems(config.eval)
-    if config.data.root is None:
-        problems.append("data.root is not set: pass --data-root or --set data.root=PATH")
+    if config.model.size == "auto" and config.model.pretrained is None:
+        problems.append("model.size=auto takes the architecture from model.pretrained, which is not set")
+    norm = config.model.normalization
+    if norm is not None and (len(norm.mean) != 3 or len(norm.std) != 3 or min(norm.std) <= 0):
+        problems.append(f"model.normalization={{mean: {norm.mean}, std: {norm.std}}}: expected 3 values each, "
+                        f"std > 0")
     problems += _recipe_problems(config)
     problems += _distill_problems(config)
     if problems:
@@ -446,27 +444,6 @@ def _unfreeze_problems(config: Config) -> list[str]:
     return problems
 
 
-def _eval_problems(section: EvalConfig) -> list[str]:
-    """Problems of the inference protocol (the same rules as mapsage_ds.inference.InferenceProtocol)."""
-    problems = []
-    if section.mode not in ("whole", "slide"):
-        problems.append(f"eval.mode={section.mode!r}: expected one of whole, slide")
-    if section.tile <= 0 or section.stride <= 0 or section.stride > section.tile:
-        problems.append(f"eval.tile={section.tile}, eval.stride={section.stride}: expected 0 < stride <= tile")
-    if not section.tta_scales or any(s <= 0 for s in section.tta_scales):
-        problems.append(f"eval.tta_scales={section.tta_scales}: expected one or more values > 0")
-    bad_flips = [f for f in section.tta_flip if f not in ("h", "v", "hv")]
-    if bad_flips or len(set(section.tta_flip)) != len(section.tta_flip):
-        problems.append(f"eval.tta_flip={section.tta_flip}: expected distinct values among h, v, hv")
-    if section.window_batch_size <= 0:
-        problems.append(f"eval.window_batch_size={section.window_batch_size}: expected a value > 0")
-    if section.boundary_width is not None and section.boundary_width < 1:
-        problems.append(f"eval.boundary_width={section.boundary_width}: expected pixels >= 1 (or null)")
-    if not 0.0 < section.boundary_dilation_ratio < 1.0:
-        problems.append(f"eval.boundary_dilation_ratio={section.boundary_dilation_ratio}: expected 0 < value < 1")
-    return problems
-
-
 def _recipe_problems(config: Config) -> list[str]:
     """Problems of the loss, augmentation and sampler sections."""
     loss, aug, problems = config.loss, config.data.augment, []
@@ -479,9 +456,8 @@ def _recipe_problems(config: Config) -> list[str]:
                         "a boundary loss needs the boundary head and the head needs a loss weight > 0")
     if not 0.0 <= loss.label_smoothing < 1.0:
         problems.append(f"loss.label_smoothing={loss.label_smoothing}: expected 0 <= value < 1")
-    if loss.class_weights is not None and (len(loss.class_weights) != config.model.num_classes
-                                           or min(loss.class_weights) < 0):
-        problems.append(f"loss.class_weights={loss.class_weights}: expected {config.model.num_classes} values >= 0")
+    if loss.class_weights is not None and (len(loss.class_weights) != NUM_CLASSES or min(loss.class_weights) < 0):
+        problems.append(f"loss.class_weights={loss.class_weights}: expected {NUM_CLASSES} values >= 0 (one per class)")
     if loss.ohem is not None and not (0.0 < loss.ohem.thresh <= 1.0 and loss.ohem.min_kept >= 0):
         problems.append(f"loss.ohem={loss.ohem}: expected 0 < thresh <= 1 and min_kept >= 0")
     if loss.boundary_radius < 1:

@@ -33,8 +33,8 @@ from mapsage_ds.losses.distill import DistillationLoss
 from mapsage_ds.models import build_model
 from mapsage_ds.tasks import DistillationTask, SegmentationTask
 from mapsage_ds.tasks.distill import FeatureProjection
-from mapsage_ds.teacher import FrozenTeacher, feature_channels, resolve_precision
-from mapsage_ds.teacher_cache import TeacherCache, fill_teacher_cache
+from mapsage_ds.tasks.teacher import FrozenTeacher, feature_channels, resolve_precision
+from mapsage_ds.tasks.teacher_cache import TeacherCache, fill_teacher_cache
 
 
 def _step(task: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict) -> float:

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 
-from mapsage_ds.accelerator import detect_accelerator, synchronize
 from mapsage_ds.data.classes import LOVEDA_CLASSES
 from mapsage_ds.errors import ConfigError, MapSageError
-from mapsage_ds.inference import InferenceProtocol, Predictor, window_starts
+from mapsage_ds.evaluation.predictor import Predictor, window_starts
+from mapsage_ds.evaluation.protocol import EvalProtocol
 from mapsage_ds.models.segformer import build_segformer
+from mapsage_ds.runtime.accelerator import detect_accelerator, synchronize
 from mapsage_ds.tasks import SegmentationTask
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,7 +102,7 @@ def update_doc(doc: Path, section: str) -> None:
 def measure(task: SegmentationTask, image: torch.Tensor, *, tile: int, stride: int, window_batch_size: int,
             repeats: int, device: torch.device) -> dict:
     """Time both implementations on ``image``, interleaved after a warm-up; check their outputs agree."""
-    protocol = InferenceProtocol(mode="slide", tile=tile, stride=stride, window_batch_size=window_batch_size)
+    protocol = EvalProtocol(mode="slide", tile=tile, stride=stride, window_batch_size=window_batch_size)
     batched = Predictor(task.predict, normalize=None, protocol=protocol)
     run_batched = partial(batched.logits, image)
     run_loop = partial(one_window_at_a_time, task.predict, image, tile, stride)

@@ -31,13 +31,13 @@ def measure(fraction: float, *, steps: int, crop: int, batch: int, size: str) ->
     """One run at ``fraction`` frozen in this process; returns its figures."""
     import torch
 
-    from mapsage_ds.accelerator import setup_distributed
-    from mapsage_ds.engine import build_optimizer, fill_ds_config, initialize_engine, read_ds_config
     from mapsage_ds.models import dinov3
     from mapsage_ds.models.factory import build_model
     from mapsage_ds.optim import build_param_groups
+    from mapsage_ds.optim.unfreeze import set_frozen
+    from mapsage_ds.runtime.accelerator import setup_distributed
+    from mapsage_ds.runtime.engine import build_optimizer, fill_ds_config, initialize_engine, read_ds_config
     from mapsage_ds.tasks import SegmentationTask
-    from mapsage_ds.unfreeze import set_frozen
 
     if size == "small":
         dinov3.DINOV3_PRESETS["small"] = SMALL

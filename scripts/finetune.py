@@ -1,46 +1,13 @@
-"""Fine-tune a segmentation model through DeepSpeed.
+"""Shim for launchers that take a file path (``deepspeed --num_gpus 8 scripts/finetune.py ...``).
 
-    python scripts/finetune.py                                   # demo recipe on generated data
-    deepspeed --num_gpus 8 scripts/finetune.py --recipe segformer_b5_loveda \
-        --data-root /data/LoveDA --output-dir runs/b5
-    torchrun --nproc_per_node 2 scripts/finetune.py --recipe demo --resume
+The command is :mod:`mapsage_ds.cli.finetune` (also installed as ``mapsage-finetune``); see its ``--help``.
 """
 
-from __future__ import annotations
+import sys
 
-import argparse
-import os
+from mapsage_ds.cli.finetune import console, main
 
-from mapsage_ds.accelerator import setup_distributed, teardown_distributed
-from mapsage_ds.cli import add_config_arguments, config_from_args
-from mapsage_ds.dry_run import describe_run
-from mapsage_ds.finetune import run_finetune, unfreeze_plan
-from mapsage_ds.metrics import SegmentationMetrics
-
-DEFAULT_RECIPE = "demo"
-
-
-def main(argv: list[str] | None = None) -> SegmentationMetrics | None:
-    """Parse ``argv``, train, evaluate and export; returns the final validation metrics."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser, default_recipe=DEFAULT_RECIPE)
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the resolved config, parameter counts, param groups and memory plan; no training")
-    parser.add_argument("--cards", type=int, default=None, help="--dry-run: cards to plan for (default: WORLD_SIZE)")
-    parser.add_argument("--card-memory", default="32GB", help="--dry-run: memory of one card")
-    args = parser.parse_args(argv)
-    config = config_from_args(args, default_recipe=DEFAULT_RECIPE)
-    if args.dry_run:
-        cards = args.cards or int(os.environ.get("WORLD_SIZE", 1))
-        print(describe_run(config, unfreeze_plan(config.unfreeze), cards=cards, card_memory=args.card_memory))
-        return None
-    ctx = setup_distributed(args.accelerator)
-    try:
-        return run_finetune(config, ctx, resume=args.resume)
-    finally:
-        teardown_distributed()
-
+__all__ = ["main"]
 
 if __name__ == "__main__":
-    main()
+    sys.exit(console())

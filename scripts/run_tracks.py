@@ -1,48 +1,13 @@
-"""Run several experiment tracks at once on disjoint card groups and score them into one leaderboard.
+"""Shim for launchers that take a file path (``deepspeed --num_gpus 8 scripts/run_tracks.py ...``).
 
-    python scripts/run_tracks.py docs/tracks.yaml                       # train, evaluate, leaderboard
-    python scripts/run_tracks.py docs/tracks.yaml --leaderboard-only    # evaluate existing runs again
-    python scripts/run_tracks.py docs/tracks_cpu_demo.yaml              # two tiny tracks on a CPU
-
-Each track runs in its own process group (its cards, master port, output directory and log);
-when it finishes, scripts/evaluate.py scores it with the file's one evaluation protocol. A failed
-track is reported and does not stop the others; the exit status is 1 when any track failed.
-Writes OUTPUT_DIR/leaderboard.md and leaderboard.json (see docs/tracks.md).
+The command is :mod:`mapsage_ds.cli.tracks` (also installed as ``mapsage-tracks``); see its ``--help``.
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
 
-from mapsage_ds.accelerator import ACCELERATORS, detect_accelerator
-from mapsage_ds.tracks import TrackRunner, read_tracks_config
+from mapsage_ds.cli.tracks import console, main
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Parse ``argv``, run the tracks, print the leaderboard; returns 1 if any track failed, else 0."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("tracks", help="tracks file (YAML)")
-    parser.add_argument("--leaderboard-only", action="store_true",
-                        help="do not train: evaluate the tracks' existing weights and write the leaderboard")
-    parser.add_argument("--output-dir", default=None, help="overrides the file's output_dir")
-    parser.add_argument("--accelerator", default=None, choices=ACCELERATORS,
-                        help="device type of every track (default: $MAPSAGE_ACCELERATOR, else detected)")
-    args = parser.parse_args(argv)
-    config = read_tracks_config(args.tracks)
-    if args.output_dir is not None:
-        config.output_dir = args.output_dir
-    accelerator = detect_accelerator(args.accelerator)
-    runner = TrackRunner(config, accelerator=accelerator)
-    print(f"{len(config.tracks)} track(s) on {accelerator} with {config.launcher}; outputs in {config.output_dir}",
-          flush=True)
-    result = runner.run(leaderboard_only=args.leaderboard_only)
-    print((runner.root / "leaderboard.md").read_text(), end="", flush=True)
-    failed = [row["name"] for row in result["tracks"] if row["status"] != "ok"]
-    if failed:
-        print(f"failed track(s): {', '.join(failed)} (see their logs and status.json)", flush=True)
-    return 1 if failed else 0
-
+__all__ = ["main"]
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

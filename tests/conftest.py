@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from mapsage_ds.data.synthetic import SyntheticSpec, ensure_synthetic_tree
+from mapsage_ds.runtime.network import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
@@ -68,7 +69,7 @@ def launch(script: str, args: list[str], *, nproc: int, launcher: str = "torchru
                    path, *args]
     elif launcher == "deepspeed":
         command = [str(Path(sys.executable).with_name("deepspeed")), f"--num_gpus={nproc}",
-                   f"--master_port={_free_port()}", path, *args]
+                   f"--master_port={free_port()}", path, *args]
     else:
         raise ValueError(launcher)
     result = subprocess.run(command, env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
@@ -78,18 +79,12 @@ def launch(script: str, args: list[str], *, nproc: int, launcher: str = "torchru
     return output
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
 def one_process_world(monkeypatch: pytest.MonkeyPatch):
     """A DeepSpeed world of one process inside the test process (as plain `python script.py` forms)."""
-    from mapsage_ds.accelerator import setup_distributed, teardown_distributed
+    from mapsage_ds.runtime.accelerator import setup_distributed, teardown_distributed
 
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.setenv(key, "")  # registered for restoring, then removed

@@ -1,4 +1,4 @@
-"""Device detection, overrides, LOCAL_RANK binding and the loud failures of ``mapsage_ds.accelerator``.
+"""Device detection, overrides, LOCAL_RANK binding and the loud failures of ``mapsage_ds.runtime.accelerator``.
 
 GCU cases run against the stand-in ``torch_gcu`` of ``tests/fake_torch_gcu`` (and the old
 XLA-style one of ``tests/fake_torch_gcu_legacy``), put on the import path per test and unimported
@@ -19,13 +19,13 @@ import torch
 from deepspeed.accelerator import real_accelerator
 
 from conftest import REPO, subprocess_env
-from mapsage_ds.accelerator import (
+from mapsage_ds.errors import AcceleratorError
+from mapsage_ds.runtime.accelerator import (
     bind_local_device,
     check_card_selection,
     detect_accelerator,
     install_deepspeed_accelerator,
 )
-from mapsage_ds.errors import AcceleratorError
 
 FAKE_TORCH_GCU = REPO / "tests" / "fake_torch_gcu"
 LEGACY_TORCH_GCU = REPO / "tests" / "fake_torch_gcu_legacy"
@@ -58,7 +58,7 @@ def vendor(monkeypatch):
 
 
 def gcu_accelerator():
-    from mapsage_ds.gcu_accelerator import GCUAccelerator
+    from mapsage_ds.runtime.gcu import GCUAccelerator
 
     return GCUAccelerator()
 
@@ -190,7 +190,7 @@ def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:
 
 
 def test_missing_collective_backend_is_an_error():
-    result = _run_python("from mapsage_ds.accelerator import setup_distributed; setup_distributed()",
+    result = _run_python("from mapsage_ds.runtime.accelerator import setup_distributed; setup_distributed()",
                          MAPSAGE_ACCELERATOR="gcu", FAKE_GCU_ECCL="0", FAKE_GCU_DEVICE_COUNT="1")
     assert result.returncode != 0
     assert "AcceleratorError: collective backend 'eccl' is not available" in result.stderr, result.stderr[-3000:]
@@ -198,7 +198,7 @@ def test_missing_collective_backend_is_an_error():
 
 RANK_SCRIPT = r"""
 import json, sys, torch, torch.distributed as dist
-from mapsage_ds.accelerator import setup_distributed
+from mapsage_ds.runtime.accelerator import setup_distributed
 ctx = setup_distributed()
 indices = [None] * ctx.world_size
 dist.all_gather_object(indices, ctx.device_index)

@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from mapsage_ds.errors import ConfigError, DataError
-from mapsage_ds.metrics import BoundaryIoU, ConfusionMatrix, SegmentationMetrics, boundary_band, boundary_width_for
+from mapsage_ds.evaluation.metrics import (
+    BoundaryIoU,
+    ConfusionMatrix,
+    SegmentationMetrics,
+    boundary_band,
+    boundary_width_for,
+)
 
 IGNORE = 255
 

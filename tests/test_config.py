@@ -53,9 +53,15 @@ def test_defaults_load_and_equal_the_dataclass_defaults() -> None:
     assert config.data.synthetic is None and config.eval.max_images is None
 
 
-def test_defaults_without_data_root_are_rejected_with_a_hint() -> None:
-    message = _error([])
-    assert "data.root" in message and "--set data.root=PATH" in message
+def test_defaults_without_data_root_are_rejected_with_a_hint_where_data_is_read() -> None:
+    # A config without data.root loads (the dry run and the planner read no data); the commands that
+    # read data stop at their first use of it with the same hint.
+    from mapsage_ds.builders import build_dataset
+
+    config = load_config()
+    with pytest.raises(ConfigError) as info:
+        build_dataset(config.data, "Train")
+    assert "data.root" in str(info.value) and "--set data.root=PATH" in str(info.value)
 
 
 def test_there_is_at_least_one_packaged_recipe() -> None:
@@ -323,3 +329,23 @@ def test_empty_yaml_file_means_defaults(tmp_path: Path) -> None:
     path = tmp_path / "empty.yaml"
     path.write_text("")
     assert load_config(config_file=path, overrides=ROOT) == load_config(overrides=ROOT)
+
+
+def test_the_class_count_is_the_dataset_s_not_a_config_key() -> None:
+    # model.num_classes used to be validated and then ignored (8 still built a 7-class model); the
+    # class count comes from the dataset's class list, so the key is gone and setting it is an error.
+    message = _error([*ROOT, "model.num_classes=8"])
+    assert "unknown config key 'model.num_classes'" in message
+    message = _error([*ROOT, "loss.class_weights=[1, 1, 1, 1, 1, 1, 1, 1]"])
+    assert "expected 7 values" in message
+
+
+def test_commands_that_read_no_data_need_no_data_root() -> None:
+    # The dry run and the planner load a config without data.root; commands that read data ask for it.
+    from mapsage_ds.builders import data_root
+    from mapsage_ds.config import DataConfig
+
+    config = load_config(recipe="dinov3_sat_vitl_loveda")
+    assert config.data.root is None
+    with pytest.raises(ConfigError, match="data.root is not set"):
+        data_root(DataConfig())

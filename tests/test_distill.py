@@ -24,15 +24,15 @@ from mapsage_ds.data.loveda import LoveDA
 from mapsage_ds.data.mixing import MixCollate
 from mapsage_ds.data.transforms import ColorJitter, TrainTransform
 from mapsage_ds.errors import ConfigError, DataError
-from mapsage_ds.export import write_hf_export
 from mapsage_ds.losses import build_loss
 from mapsage_ds.losses.distill import DistillationLoss
 from mapsage_ds.models import build_model
+from mapsage_ds.models.export import write_hf_export
 from mapsage_ds.models.factory import load_exported
 from mapsage_ds.tasks import DistillationTask
 from mapsage_ds.tasks.distill import FeatureProjection
-from mapsage_ds.teacher import FrozenTeacher
-from mapsage_ds.teacher_cache import TeacherCache, fill_teacher_cache, is_complete
+from mapsage_ds.tasks.teacher import FrozenTeacher
+from mapsage_ds.tasks.teacher_cache import TeacherCache, fill_teacher_cache, is_complete
 
 CPU = torch.device("cpu")
 CLASSES = list(LOVEDA_CLASSES)

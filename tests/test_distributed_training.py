@@ -15,7 +15,7 @@ from mapsage_ds.data.classes import LOVEDA_CLASSES
 from mapsage_ds.data.loaders import TransformedDataset
 from mapsage_ds.data.loveda import LoveDA
 from mapsage_ds.data.transforms import EvalTransform
-from mapsage_ds.evaluation import evaluate
+from mapsage_ds.evaluation.loop import run_evaluation
 from mapsage_ds.tasks import SegmentationTask
 
 pytestmark = pytest.mark.slow
@@ -23,8 +23,8 @@ pytestmark = pytest.mark.slow
 
 def _val_metrics(model: torch.nn.Module, tree: Path) -> dict:
     data = TransformedDataset(LoveDA(tree, "Val"), EvalTransform(), seed=0)
-    metrics = evaluate(SegmentationTask(model), data, device=torch.device("cpu"), rank=0, world_size=1,
-                       class_names=list(LOVEDA_CLASSES))
+    metrics = run_evaluation(SegmentationTask(model), data, device=torch.device("cpu"), rank=0, world_size=1,
+                             class_names=list(LOVEDA_CLASSES)).metrics
     return metrics.to_dict()
 
 

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mapsage_ds.engine import DS_CONFIG_DIR, compute_dtype, fill_ds_config, read_ds_config, zero_stage
 from mapsage_ds.errors import ConfigError, MissingFileError
+from mapsage_ds.runtime.engine import compute_dtype, ds_config_names, fill_ds_config, read_ds_config, zero_stage
 
-PACKAGED = sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json"))
+DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"  # the source tree
+PACKAGED = ds_config_names()
 GEOMETRY = dict(micro_batch_size=2, grad_accum_steps=3, world_size=4, grad_clip=0.5)
 # DeepSpeed's identity: train_batch_size = micro × accum × world = 2 × 3 × 4.
 GLOBAL_BATCH = 24

@@ -17,9 +17,10 @@ from mapsage_ds.data import write_loveda_sample
 from mapsage_ds.data.classes import LOVEDA_CLASSES
 from mapsage_ds.data.loveda import LoveDA
 from mapsage_ds.errors import ConfigError
-from mapsage_ds.export import write_hf_export
-from mapsage_ds.inference import InferenceProtocol, Predictor
+from mapsage_ds.evaluation.predictor import Predictor
+from mapsage_ds.evaluation.protocol import EvalProtocol
 from mapsage_ds.models import load_exported
+from mapsage_ds.models.export import write_hf_export
 from mapsage_ds.models.segformer import build_segformer
 from mapsage_ds.tasks import SegmentationTask
 
@@ -77,8 +78,9 @@ def test_slide_tta_evaluation_is_identical_on_one_and_two_processes(tmp_path, un
     for key in ("confusion", "iou", "miou", "boundary_iou", "mean_boundary_iou", "overall_accuracy"):
         assert one[key] == two[key], key
     assert two["world_size"] == 2 and len(set(two["forwards_per_rank"])) == 1
-    assert two["protocol"] == {"mode": "slide", "tile": 48, "stride": 32, "scales": [0.75, 1.0], "flips": ["h"],
-                               "window_batch_size": 3}
+    assert two["protocol"] == {"mode": "slide", "tile": 48, "stride": 32, "tta_scales": [0.75, 1.0], "tta_flip": ["h"],
+                               "window_batch_size": 3, "batch_size": 1, "max_images": None, "boundary_width": None,
+                               "boundary_dilation_ratio": 0.02}
     for name in ("metrics.md", "confusion_matrix.png", "iou_per_class.png"):
         assert (tmp_path / "two" / name).is_file()
     assert len(list((tmp_path / "two" / "panels").glob("*.png"))) == 3
@@ -137,7 +139,7 @@ def test_predict_writes_benchmark_pngs_colours_and_overlays(tmp_path, tiny_tree,
     assert count == len(test_split)
     model, normalize = load_exported(export_dir)
     task = SegmentationTask(model).eval()
-    predictor = Predictor(task.predict, normalize=normalize, protocol=InferenceProtocol())
+    predictor = Predictor(task.predict, normalize=normalize, protocol=EvalProtocol())
     for sample in test_split:
         file_name = Path(sample["name"]).name
         with Image.open(out / "labels" / file_name) as label_png:

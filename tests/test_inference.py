@@ -9,8 +9,9 @@ from torch import nn
 
 from mapsage_ds.data.transforms import Normalize
 from mapsage_ds.errors import ConfigError
-from mapsage_ds.evaluation import run_evaluation
-from mapsage_ds.inference import Ensemble, InferenceProtocol, Predictor, normalize_images, window_starts
+from mapsage_ds.evaluation.loop import run_evaluation
+from mapsage_ds.evaluation.predictor import Ensemble, Predictor, normalize_images, window_starts
+from mapsage_ds.evaluation.protocol import EvalProtocol
 from mapsage_ds.models.segformer import build_segformer
 from mapsage_ds.tasks import SegmentationTask
 
@@ -74,7 +75,7 @@ def test_sliding_window_equals_reference_on_a_conv_net(size):
     net = ContextNet(seed=1).eval()
     images = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(2))
     predictor = Predictor(net, normalize=None,
-                          protocol=InferenceProtocol(mode="slide", tile=32, stride=20, window_batch_size=3))
+                          protocol=EvalProtocol(mode="slide", tile=32, stride=20, window_batch_size=3))
     with torch.no_grad():
         expected = reference_slide(net, images, tile=32, stride=20)
     got = predictor.logits(images)
@@ -89,7 +90,7 @@ def test_sliding_window_equals_reference_on_a_random_segformer(size, tile, strid
     task = SegmentationTask(build_segformer("test", [f"c{i}" for i in range(NUM_CLASSES)])).eval()
     images = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(4))
     predictor = Predictor(task.predict, normalize=None,
-                          protocol=InferenceProtocol(mode="slide", tile=tile, stride=stride, window_batch_size=4))
+                          protocol=EvalProtocol(mode="slide", tile=tile, stride=stride, window_batch_size=4))
     with torch.no_grad():
         expected = reference_slide(task.predict, images, tile=tile, stride=stride)
     assert (predictor.logits(images) - expected).abs().max() <= 1e-5
@@ -124,13 +125,13 @@ def test_flip_tta_of_a_flip_equivariant_model_returns_its_output():
     images = torch.randn(2, 3, 21, 34)
     with torch.no_grad():
         plain = net(images)
-    tta = Predictor(net, normalize=None, protocol=InferenceProtocol(flips=("h", "v", "hv"))).logits(images)
+    tta = Predictor(net, normalize=None, protocol=EvalProtocol(tta_flip=("h", "v", "hv"))).logits(images)
     assert torch.allclose(tta, plain, atol=1e-6)
     # A model that is not equivariant gives something else: the flips really run.
     other = ContextNet(seed=7).eval()
     with torch.no_grad():
         assert not torch.allclose(Predictor(other, normalize=None,
-                                            protocol=InferenceProtocol(flips=("h",))).logits(images), other(images))
+                                            protocol=EvalProtocol(tta_flip=("h",))).logits(images), other(images))
 
 
 def test_flip_tta_averages_the_flipped_back_views():
@@ -138,34 +139,34 @@ def test_flip_tta_averages_the_flipped_back_views():
     images = torch.randn(1, 3, 19, 27)
     with torch.no_grad():
         expected = (net(images) + net(images.flip(-1)).flip(-1) + net(images.flip(-2)).flip(-2)) / 3
-    got = Predictor(net, normalize=None, protocol=InferenceProtocol(flips=("h", "v"))).logits(images)
+    got = Predictor(net, normalize=None, protocol=EvalProtocol(tta_flip=("h", "v"))).logits(images)
     assert torch.allclose(got, expected, atol=1e-6)
 
 
 def test_scale_tta_resizes_back_to_the_label_size():
     net = ContextNet(seed=9).eval()
     images = torch.randn(2, 3, 37, 50)
-    predictor = Predictor(net, normalize=None, protocol=InferenceProtocol(scales=(0.5, 0.75, 1.5)))
+    predictor = Predictor(net, normalize=None, protocol=EvalProtocol(tta_scales=(0.5, 0.75, 1.5)))
     logits = predictor.logits(images)
     assert logits.shape == (2, NUM_CLASSES, 37, 50)
     with torch.no_grad():
         half = F.interpolate(net(F.interpolate(images, size=(19, 25), mode="bilinear", align_corners=False)),
                              size=(37, 50), mode="bilinear", align_corners=False)
-    single = Predictor(net, normalize=None, protocol=InferenceProtocol(scales=(0.5,))).logits(images)
+    single = Predictor(net, normalize=None, protocol=EvalProtocol(tta_scales=(0.5,))).logits(images)
     assert torch.allclose(single, half, atol=1e-6)
     # A pointwise model on a constant image gives the same logits at every scale.
     pointwise = nn.Conv2d(3, NUM_CLASSES, 1).eval()
     flat = torch.ones(1, 3, 37, 50) * torch.tensor([0.3, -1.0, 2.0]).view(1, 3, 1, 1)
     with torch.no_grad():
-        assert torch.allclose(Predictor(pointwise, normalize=None, protocol=InferenceProtocol(
-            scales=(0.5, 1.25))).logits(flat), pointwise(flat), atol=1e-6)
+        assert torch.allclose(Predictor(pointwise, normalize=None, protocol=EvalProtocol(
+            tta_scales=(0.5, 1.25))).logits(flat), pointwise(flat), atol=1e-6)
 
 
 @pytest.mark.parametrize("protocol", [
-    InferenceProtocol(),
-    InferenceProtocol(mode="slide", tile=16, stride=10, window_batch_size=3),
-    InferenceProtocol(mode="slide", tile=16, stride=16, window_batch_size=64, scales=(0.5, 1.0, 1.3), flips=("h",)),
-    InferenceProtocol(scales=(0.75, 1.25), flips=("h", "v", "hv")),
+    EvalProtocol(),
+    EvalProtocol(mode="slide", tile=16, stride=10, window_batch_size=3),
+    EvalProtocol(mode="slide", tile=16, stride=16, window_batch_size=64, tta_scales=(0.5, 1.0, 1.3), tta_flip=("h",)),
+    EvalProtocol(tta_scales=(0.75, 1.25), tta_flip=("h", "v", "hv")),
 ])
 @pytest.mark.parametrize("shape", [(1, 30, 41), (3, 12, 50)])
 def test_forward_counts_match_the_forwards_run(protocol, shape):
@@ -202,10 +203,10 @@ def test_ensemble_averages_member_probabilities_with_their_own_normalisation():
 
 
 def test_invalid_protocols_and_ensembles_are_errors():
-    for bad in (dict(mode="tiles"), dict(tile=16, stride=32), dict(scales=()), dict(scales=(0.0,)),
-                dict(flips=("x",)), dict(flips=("h", "h")), dict(window_batch_size=0)):
+    for bad in (dict(mode="tiles"), dict(tile=16, stride=32), dict(tta_scales=()), dict(tta_scales=(0.0,)),
+                dict(tta_flip=("x",)), dict(tta_flip=("h", "h")), dict(window_batch_size=0)):
         with pytest.raises(ConfigError):
-            InferenceProtocol(**bad)
+            EvalProtocol(**bad)
     with pytest.raises(ConfigError):
         Ensemble([])
     with pytest.raises(ConfigError):
@@ -231,7 +232,7 @@ class _Images(torch.utils.data.Dataset):
 def test_evaluation_reports_the_forwards_it_ran_and_restores_train_mode():
     net = ContextNet(seed=13).train()
     counter = CountingForward(net)
-    protocol = InferenceProtocol(mode="slide", tile=16, stride=12, window_batch_size=2, flips=("h",))
+    protocol = EvalProtocol(mode="slide", tile=16, stride=12, window_batch_size=2, tta_flip=("h",))
     predictor = Predictor(counter, normalize=Normalize(), protocol=protocol, module=net)
     result = run_evaluation(predictor, _Images(), device=torch.device("cpu"), rank=0, world_size=1,
                             class_names=[f"c{i}" for i in range(NUM_CLASSES)], num_panels=2)

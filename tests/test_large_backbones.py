@@ -10,11 +10,11 @@ import torch
 
 from conftest import REPO
 from mapsage_ds.data.classes import LOVEDA_CLASSES
-from mapsage_ds.engine import fill_ds_config, read_ds_config
 from mapsage_ds.errors import DataError
 from mapsage_ds.models.dinov3 import DINOv3Segmenter, default_feature_layers, dinov3_config
 from mapsage_ds.models.factory import build_model
 from mapsage_ds.optim import build_param_groups
+from mapsage_ds.runtime.engine import fill_ds_config, read_ds_config
 
 CLASSES = list(LOVEDA_CLASSES)
 
@@ -56,8 +56,10 @@ def _zero3_config() -> dict:
 
 def test_zero3_construction_is_born_sharded_and_loads_the_saved_weights(tmp_path, one_process_world):
     source = build_model(arch="dinov3", size="test", class_names=CLASSES).module
-    source.backbone.save_pretrained(tmp_path / "backbone")
-    built = build_model(arch="dinov3", size="test", class_names=CLASSES, pretrained=str(tmp_path / "backbone"),
+    source.backbone.save_pretrained(tmp_path / "dinov3-test-pretrain-sat493m")
+    # The directory name says satellite (SAT-493M): that decides the normalisation.
+    built = build_model(arch="dinov3", size="test", class_names=CLASSES,
+                        pretrained=str(tmp_path / "dinov3-test-pretrain-sat493m"),
                         ds_config=_zero3_config())
     params = dict(built.module.backbone.named_parameters())
     assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in params.values())
@@ -70,9 +72,9 @@ def test_zero3_construction_is_born_sharded_and_loads_the_saved_weights(tmp_path
 def test_a_backbone_checkpoint_with_missing_keys_is_an_error(tmp_path):
     source = build_model(arch="dinov3", size="test", class_names=CLASSES).module
     state = {k: v for k, v in source.backbone.state_dict().items() if ".layer.3." not in k}
-    source.backbone.save_pretrained(tmp_path / "partial", state_dict=state)
+    source.backbone.save_pretrained(tmp_path / "partial-sat493m", state_dict=state)
     with pytest.raises(DataError, match="backbone keys missing"):
-        build_model(arch="dinov3", size="test", class_names=CLASSES, pretrained=str(tmp_path / "partial"))
+        build_model(arch="dinov3", size="test", class_names=CLASSES, pretrained=str(tmp_path / "partial-sat493m"))
 
 
 def test_dry_run_reports_the_7b_plan_without_materialising_it(capsys):

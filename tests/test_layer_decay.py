@@ -8,8 +8,8 @@ import torch
 from mapsage_ds.models.factory import build_model
 from mapsage_ds.optim import LRSchedule, build_param_groups
 from mapsage_ds.optim.param_groups import layer_decay_scale
+from mapsage_ds.optim.unfreeze import UnfreezePlan, frozen_layer_count, set_frozen
 from mapsage_ds.tasks import SegmentationTask
-from mapsage_ds.unfreeze import UnfreezePlan, frozen_layer_count, set_frozen
 
 CLASSES = [f"c{i}" for i in range(7)]
 

@@ -1,11 +1,10 @@
-"""Tests for mapsage_ds.metrics: known answers, a NumPy reference, invariances, 2-rank all-reduce."""
+"""Tests for mapsage_ds.evaluation.metrics: known answers, a NumPy reference, invariances, 2-rank all-reduce."""
 
 from __future__ import annotations
 
 import datetime
 import json
 import math
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mapsage_ds.errors import ConfigError, DataError
-from mapsage_ds.metrics import ConfusionMatrix, SegmentationMetrics
+from mapsage_ds.evaluation.metrics import ConfusionMatrix, SegmentationMetrics
+from mapsage_ds.runtime.network import free_port
 
 IGNORE = 255
 
@@ -276,10 +276,6 @@ def test_to_dict_round_trips():
 # --- distributed ---------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _all_reduce_worker(
@@ -306,7 +302,7 @@ def test_all_reduce_across_two_processes_equals_single_process(tmp_path):
     preds, targets = list(pred.chunk(2)), list(target.chunk(2))
     mp.spawn(
         _all_reduce_worker,
-        args=(2, _free_port(), preds, targets, str(tmp_path)),
+        args=(2, free_port(), preds, targets, str(tmp_path)),
         nprocs=2,
         join=True,
     )

@@ -10,17 +10,19 @@ from functools import partial
 
 import pytest
 import torch
+from memprobe import optimizer_state_bytes, saved_activation_bytes, tensor_bytes
 from transformers import DINOv3ViTConfig
 
 from conftest import REPO, subprocess_env
-from mapsage_ds.activations import estimate_activations, geometry_of
+from mapsage_ds.builders import build_memory_plan, build_meta_model
 from mapsage_ds.config import load_config
 from mapsage_ds.data.classes import LOVEDA_CLASSES
 from mapsage_ds.errors import ConfigError
-from mapsage_ds.memprobe import optimizer_state_bytes, saved_activation_bytes, tensor_bytes
 from mapsage_ds.models.dinov3 import DINOv3Segmenter, dinov3_layer_id
 from mapsage_ds.models.factory import build_model
-from mapsage_ds.planner import (
+from mapsage_ds.optim.unfreeze import frozen_layer_count, set_frozen
+from mapsage_ds.planning.activation_memory import estimate_activations, geometry_of
+from mapsage_ds.planning.plan import (
     ADAM_MOMENT_BYTES,
     GIB,
     MASTER_BYTES,
@@ -30,11 +32,9 @@ from mapsage_ds.planner import (
     count_parameters,
     format_plan,
     parse_size,
-    plan_for_run,
     zero_bytes,
 )
 from mapsage_ds.tasks.segmentation import SegmentationTask
-from mapsage_ds.unfreeze import frozen_layer_count, set_frozen
 
 TOLERANCE = 0.25  # the acceptance bound; the estimates are in fact within 6% (docs/planner.md)
 CLASSES = list(LOVEDA_CLASSES)
@@ -185,7 +185,8 @@ def vit7b_plans():
     as_written = load_config(recipe="dinov3_sat_vit7b_loveda", overrides=["data.root=unused"])
     full = load_config(recipe="dinov3_sat_vit7b_loveda",
                        overrides=["data.root=unused", "unfreeze=null", "train.micro_batch_size=2"])
-    return [plan_for_run(config, cards=8, card_memory=32 * GIB) for config in (as_written, full)]
+    return [build_memory_plan(config, build_meta_model(config, list(LOVEDA_CLASSES)), cards=8, card_memory=32 * GIB)
+            for config in (as_written, full)]
 
 
 def test_vit7b_on_8x32gb_recommends_a_fitting_option_and_explains_the_rejections(vit7b_plans):

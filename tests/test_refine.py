@@ -10,10 +10,10 @@ import torch
 from tiny_sam import save_tiny_sam
 
 from mapsage_ds.data.transforms import Normalize
-from mapsage_ds.errors import ConfigError, MissingFileError
-from mapsage_ds.evaluation import run_evaluation
-from mapsage_ds.inference import Predictor
-from mapsage_ds.refine import SamRefiner, apply_region_masks, find_regions
+from mapsage_ds.errors import DataError, MissingFileError
+from mapsage_ds.evaluation.loop import run_evaluation
+from mapsage_ds.evaluation.predictor import Predictor
+from mapsage_ds.evaluation.refine import SamRefiner, apply_region_masks, find_regions
 
 CPU = torch.device("cpu")
 
@@ -130,12 +130,12 @@ def test_find_regions_gives_components_largest_first_with_prompts_inside():
 
 
 def test_loading_errors_name_the_problem(tmp_path):
-    with pytest.raises(MissingFileError, match="not a directory"):
+    with pytest.raises(MissingFileError, match="nope"):  # a directory or a Meta .pth; neither exists
         SamRefiner.from_pretrained(tmp_path / "nope", device=CPU)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "segformer"}))
     (tmp_path / "preprocessor_config.json").write_text("{}")
     with pytest.raises(MissingFileError, match="no weights"):
         SamRefiner.from_pretrained(tmp_path, device=CPU)
     (tmp_path / "model.safetensors").write_bytes(b"")
-    with pytest.raises(ConfigError, match="model_type='segformer'"):
+    with pytest.raises(DataError, match="model_type='segformer'"):
         SamRefiner.from_pretrained(tmp_path, device=CPU)

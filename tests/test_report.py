@@ -13,9 +13,9 @@ from PIL import Image
 
 from mapsage_ds.data.classes import LOVEDA_CLASSES, LOVEDA_PALETTE
 from mapsage_ds.errors import DataError, MissingFileError
-from mapsage_ds.evaluation import Panel
-from mapsage_ds.metrics import ConfusionMatrix, SegmentationMetrics
-from mapsage_ds.report import (
+from mapsage_ds.evaluation.loop import Panel
+from mapsage_ds.evaluation.metrics import ConfusionMatrix, SegmentationMetrics
+from mapsage_ds.evaluation.report import (
     colorize,
     leaderboard_markdown,
     overlay,

@@ -13,10 +13,11 @@ import yaml
 from conftest import REPO, subprocess_env, tiny_run_config, write_config
 from mapsage_ds.config import load_config
 from mapsage_ds.errors import ConfigError
+from mapsage_ds.evaluation.report import read_report
 from mapsage_ds.health import Status
 from mapsage_ds.health.consistency import check_evaluation_consistency, read_final_eval
-from mapsage_ds.report import read_report
-from mapsage_ds.tracks import TracksConfig, TrackSpec, launch_command, read_tracks_config, train_args
+from mapsage_ds.tracks.launch import launch_command, train_args
+from mapsage_ds.tracks.spec import TracksConfig, TrackSpec, read_tracks_config
 
 EVALUATION = {"split": "Val", "mode": "slide", "tile": 96, "stride": 64, "boundary_width": 3, "max_images": 4}
 
@@ -43,19 +44,19 @@ def test_the_tracks_file_is_checked_before_anything_runs(tmp_path):
 
 
 def test_card_groups_become_the_runtime_variable_and_a_port_per_track():
-    gcu = launch_command("finetune.py", ["--recipe", "demo"], nproc=4, cards=[4, 5, 6, 7], accelerator="gcu",
+    gcu = launch_command("finetune", ["--recipe", "demo"], nproc=4, cards=[4, 5, 6, 7], accelerator="gcu",
                          launcher="deepspeed", master_port=29511)
     assert gcu.env["TOPS_VISIBLE_DEVICES"] == "4,5,6,7" and "--num_gpus=4" in gcu.command
     assert "--master_port=29511" in gcu.command and not any(a.startswith("--include") for a in gcu.command)
-    torchrun = launch_command("evaluate.py", [], nproc=4, cards=[4, 5, 6, 7], accelerator="gcu",
+    torchrun = launch_command("evaluate", [], nproc=4, cards=[4, 5, 6, 7], accelerator="gcu",
                               launcher="torchrun", master_port=29512)
     assert torchrun.env["TOPS_VISIBLE_DEVICES"] == "4,5,6,7" and "--nproc_per_node=4" in torchrun.command
     assert "--master_port=29512" in torchrun.command
-    cpu = launch_command("finetune.py", [], nproc=1, cards=None, accelerator="cpu", launcher="deepspeed",
+    cpu = launch_command("finetune", [], nproc=1, cards=None, accelerator="cpu", launcher="deepspeed",
                          master_port=29513)
     assert "--num_gpus=1" in cpu.command and cpu.env == {"MAPSAGE_ACCELERATOR": "cpu"}
     with pytest.raises(ConfigError, match="processes: N"):
-        launch_command("finetune.py", [], nproc=2, cards=[0, 1], accelerator="cpu", launcher="torchrun",
+        launch_command("finetune", [], nproc=2, cards=[0, 1], accelerator="cpu", launcher="torchrun",
                        master_port=29514)
 
 
@@ -118,8 +119,9 @@ def test_two_tracks_run_concurrently_are_scored_alike_and_survive_a_failing_trac
         # and the track's validation during training used the same protocol.
         report = read_report(out / name / "eval")
         assert row["miou"] == report["miou"] and list(row["iou"].values()) == report["iou"]
-        assert report["protocol"] == {"mode": "slide", "tile": 96, "stride": 64, "scales": [1.0], "flips": [],
-                                      "window_batch_size": 8}
+        assert report["protocol"] == {"mode": "slide", "tile": 96, "stride": 64, "tta_scales": [1.0], "tta_flip": [],
+                                      "window_batch_size": 8, "batch_size": 1, "max_images": 4, "boundary_width": 3,
+                                      "boundary_dilation_ratio": 0.02}
         assert report["boundary"]["width"] == 3 and report["num_images"] == 4
         resolved = yaml.safe_load((out / name / "run" / "config.yaml").read_text())
         assert resolved["eval"]["mode"] == "slide" and resolved["eval"]["tile"] == 96

@@ -15,7 +15,7 @@ from mapsage_ds.data.classes import LOVEDA_CLASSES
 from mapsage_ds.data.loaders import TransformedDataset
 from mapsage_ds.data.loveda import LoveDA
 from mapsage_ds.data.transforms import EvalTransform
-from mapsage_ds.evaluation import evaluate
+from mapsage_ds.evaluation.loop import run_evaluation
 from mapsage_ds.models.factory import build_model, load_exported
 from mapsage_ds.tasks import SegmentationTask
 
@@ -31,7 +31,8 @@ ALWAYS_FROZEN, THAWED, ALWAYS_TRAINABLE = {0, 1}, {2, 3}, {4, 5}
 def pretrained(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor], object]:
     """A random test-size DINOv3 backbone saved as a local HF directory, and its weights in memory."""
     built = build_model(arch="dinov3", size="test", class_names=list(LOVEDA_CLASSES))
-    path = tmp_path_factory.mktemp("dinov3") / "backbone"
+    # The name says satellite (SAT-493M), which decides the normalisation.
+    path = tmp_path_factory.mktemp("dinov3") / "dinov3-test-pretrain-sat493m"
     built.module.backbone.save_pretrained(path)
     weights = {k: v.clone() for k, v in built.module.backbone.state_dict().items()}
     return path, weights, built.layer_id
@@ -93,7 +94,7 @@ def test_resume_mid_plan_restores_the_phase_and_reproduces_the_run(tmp_path, tin
     # The export reloads outside DeepSpeed and reproduces the run's own final validation.
     model, normalize = load_exported(full / "export")
     data = TransformedDataset(LoveDA(tiny_tree, "Val"), EvalTransform(normalize), seed=0)
-    metrics = evaluate(SegmentationTask(model.eval()), data, device=torch.device("cpu"), rank=0, world_size=1,
-                       class_names=list(LOVEDA_CLASSES))
+    metrics = run_evaluation(SegmentationTask(model.eval()), data, device=torch.device("cpu"), rank=0, world_size=1,
+                             class_names=list(LOVEDA_CLASSES)).metrics
     reported = json.loads((full / "export" / "metrics.json").read_text())
     assert metrics.to_dict()["confusion"] == reported["confusion"]

@@ -16,16 +16,16 @@ import sys
 
 import torch
 import torch.distributed as dist
+from memprobe import optimizer_state_bytes, tensor_bytes
 
-from mapsage_ds.accelerator import setup_distributed
 from mapsage_ds.data.classes import LOVEDA_CLASSES
-from mapsage_ds.engine import build_optimizer, compute_dtype, fill_ds_config, initialize_engine, read_ds_config
-from mapsage_ds.memprobe import optimizer_state_bytes, tensor_bytes
 from mapsage_ds.models.factory import build_model
 from mapsage_ds.optim.param_groups import build_param_groups, layer_decay_scale
-from mapsage_ds.planner import count_parameters
+from mapsage_ds.optim.unfreeze import set_frozen
+from mapsage_ds.planning.plan import count_parameters
+from mapsage_ds.runtime.accelerator import setup_distributed
+from mapsage_ds.runtime.engine import build_optimizer, compute_dtype, fill_ds_config, initialize_engine, read_ds_config
 from mapsage_ds.tasks.segmentation import SegmentationTask
-from mapsage_ds.unfreeze import set_frozen
 
 CASES = [(1, "bf16"), (2, "bf16"), (3, "bf16"), (3, "fp32")]
 PERSISTENCE = 1000  # small enough that some tensors of the tiny model are sharded and some are kept whole

@@ -17,8 +17,9 @@ from torch import nn
 
 from mapsage_ds.data.classes import IGNORE_INDEX, LOVEDA_PALETTE
 from mapsage_ds.data.transforms import Normalize
+from mapsage_ds.evaluation.predictor import Predictor
+from mapsage_ds.evaluation.protocol import EvalProtocol
 from mapsage_ds.health.result import CheckResult, failed, passed
-from mapsage_ds.inference import InferenceProtocol, Predictor
 
 MIN_AGREEMENT = 0.99
 # Class k is painted CODES[k]; the last code (black) stands for ignored pixels and padding.
@@ -120,7 +121,7 @@ class ColourDecoder(nn.Module):
         return -((pixels.unsqueeze(1) - self.codes) ** 2).sum(2)
 
 
-def check_inference_alignment(protocols: Sequence[InferenceProtocol], masks: Sequence[torch.Tensor], *,
+def check_inference_alignment(protocols: Sequence[EvalProtocol], masks: Sequence[torch.Tensor], *,
                               normalize: Normalize, predictor_class: type[Predictor] = Predictor) -> CheckResult:
     """Colour-coded images predicted through each protocol (slide windows, TTA) give back their masks.
 

@@ -10,28 +10,13 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from mapsage_ds.config import EvalConfig, from_dict, read_yaml
+from mapsage_ds.config import from_dict, read_yaml
 from mapsage_ds.errors import ConfigError
+from mapsage_ds.evaluation.protocol import EvalProtocol
 from mapsage_ds.health.result import CheckResult, failed, passed
 
 
-def scored_settings(section: EvalConfig) -> dict[str, object]:
-    """The settings of an evaluation section that change its scores (slide geometry only in slide mode).
-
-    Batch sizes are left out: every image is predicted on its own, so they change nothing.
-    """
-    values: dict[str, object] = {"mode": section.mode}
-    if section.mode == "slide":
-        values.update(tile=section.tile, stride=section.stride)
-    values["tta_scales"] = [float(s) for s in section.tta_scales]
-    values["tta_flip"] = sorted(section.tta_flip)
-    values["boundary_band"] = (f"{section.boundary_width} px" if section.boundary_width is not None
-                               else f"{section.boundary_dilation_ratio:g} of the diagonal")
-    values["max_images"] = section.max_images
-    return values
-
-
-def check_evaluation_consistency(validation: EvalConfig, final: EvalConfig, *, final_source: str) -> CheckResult:
+def check_evaluation_consistency(validation: EvalProtocol, final: EvalProtocol, *, final_source: str) -> CheckResult:
     """Validation's settings (``config.eval``) equal the final evaluation's (listing every difference).
 
     Args:
@@ -41,7 +26,7 @@ def check_evaluation_consistency(validation: EvalConfig, final: EvalConfig, *, f
         final_source: Where ``final`` came from, for the message.
     """
     name = "6.evaluation_consistency"
-    ours, theirs = scored_settings(validation), scored_settings(final)
+    ours, theirs = validation.scored(), final.scored()
     keys = list(dict.fromkeys([*ours, *theirs]))
     differences = {key: (ours.get(key, "n/a"), theirs.get(key, "n/a")) for key in keys
                    if ours.get(key, "n/a") != theirs.get(key, "n/a")}
@@ -59,7 +44,7 @@ def check_evaluation_consistency(validation: EvalConfig, final: EvalConfig, *, f
                                  "the same evaluator (run_evaluation)", **details)
 
 
-def read_final_eval(path: str | Path | None) -> tuple[EvalConfig, str]:
+def read_final_eval(path: str | Path | None) -> tuple[EvalProtocol, str]:
     """The final evaluation's settings and where they came from.
 
     ``path`` is a tracks file (its ``evaluation`` section) or a run config (its ``eval``
@@ -70,11 +55,11 @@ def read_final_eval(path: str | Path | None) -> tuple[EvalConfig, str]:
         ConfigError: if the file has neither section, or a setting is invalid.
     """
     if path is None:
-        return EvalConfig(), "scripts/evaluate.py defaults"
+        return EvalProtocol(), "scripts/evaluate.py defaults"
     data = read_yaml(path)
     key = "evaluation" if "evaluation" in data else "eval" if "eval" in data else None
     if key is None:
         raise ConfigError(f"{path}: no 'evaluation' (tracks file) or 'eval' (run config) section")
-    names = {f.name for f in dataclasses.fields(EvalConfig)}
+    names = {f.name for f in dataclasses.fields(EvalProtocol)}
     section = {k: v for k, v in (data[key] or {}).items() if k in names}
-    return from_dict(EvalConfig, section, prefix=f"{key}."), f"{path} ({key})"
+    return from_dict(EvalProtocol, section, prefix=f"{key}."), f"{path} ({key})"

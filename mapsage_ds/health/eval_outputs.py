@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from mapsage_ds.evaluation.metrics import SegmentationMetrics, boundary_width_for
 from mapsage_ds.health.result import CheckResult, failed, passed, warned
-from mapsage_ds.metrics import SegmentationMetrics, boundary_width_for
 
 BAND_PIXELS = (2, 3)  # the plan's boundary band
 

@@ -53,7 +53,6 @@ def check_label_agreement(
     loss: Any,
     metric_num_classes: int,
     metric_ignore_index: int,
-    config_num_classes: int | None = None,
     expected_classes: int = NUM_CLASSES,
     expected_ignore_index: int = IGNORE_INDEX,
 ) -> CheckResult:
@@ -66,15 +65,12 @@ def check_label_agreement(
         loss: The training loss; every part with an ``ignore_index`` is read.
         metric_num_classes: Classes of the evaluation metric.
         metric_ignore_index: Ignore index of the evaluation metric.
-        config_num_classes: ``model.num_classes`` of the run config, if it has one.
         expected_classes: What all of them must say.
         expected_ignore_index: The ignore index all of them must use.
     """
     name = "1.classes_ignore_index"
     loss_ignores = loss_ignore_indices(loss)
     counts = {"dataset": len(class_names), "model": model_num_classes, "metric": metric_num_classes}
-    if config_num_classes is not None:
-        counts["config model.num_classes"] = config_num_classes
     ignores = {"dataset": dataset_ignore_index, "metric": metric_ignore_index,
                **{f"loss.{part}": value for part, value in loss_ignores.items()}}
     problems = [f"{who} has {n} classes" for who, n in counts.items() if n != expected_classes]

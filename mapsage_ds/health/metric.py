@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from mapsage_ds.data.classes import IGNORE_INDEX, NUM_CLASSES
+from mapsage_ds.evaluation.metrics import ConfusionMatrix, SegmentationMetrics
 from mapsage_ds.health.result import CheckResult, failed, passed
-from mapsage_ds.metrics import ConfusionMatrix, SegmentationMetrics
 
 MetricFn = Callable[[torch.Tensor, torch.Tensor], SegmentationMetrics | dict[str, Any]]
 _TOLERANCE = 1e-9

@@ -1,60 +1,69 @@
-"""Check 3 (first half): the input normalisation matches the backbone's pretraining statistics."""
+"""Check 3 (first half): the input normalisation matches the backbone's pretraining statistics.
+
+The expected statistics are :func:`~mapsage_ds.models.normalization.decide_normalization`'s,
+the same decision training makes: they follow the checkpoint's pretraining data (SAT-493M ->
+satellite; LVD-1689M, ImageNet -> ImageNet) or ``model.normalization``. A DINOv3
+``preprocessor_config.json`` is not trusted: transformers' converter writes ImageNet statistics
+into it even for satellite checkpoints.
+"""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from typing import Any
 
 from mapsage_ds.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize
+from mapsage_ds.errors import ConfigError
 from mapsage_ds.health.result import CheckResult, failed, passed
-from mapsage_ds.models.dinov3 import SATELLITE_MEAN, SATELLITE_STD
+from mapsage_ds.models.normalization import SATELLITE_MEAN, SATELLITE_STD, decide_normalization
 
 _TOLERANCE = 1e-3
-PRETRAINING_STATS = {
-    "segformer": (IMAGENET_MEAN, IMAGENET_STD, "ImageNet (SegFormer / MiT pretraining)"),
-    "dinov3": (SATELLITE_MEAN, SATELLITE_STD, "DINOv3 satellite pretraining (SAT-493M)"),
-}
+_NAME = "3.normalisation"
 
 
-def expected_normalisation(*, arch: str, pretrained: str | None) -> tuple[tuple, tuple, str]:
-    """Mean, std and their source: the checkpoint's ``preprocessor_config.json`` if it has one, else the arch's.
+def expected_normalisation(*, arch: str, pretrained: str | None,
+                           override: Any = None) -> tuple[tuple, tuple, str]:
+    """Mean, std and why: the decision training makes for this architecture, checkpoint and override.
 
     Raises:
-        KeyError: for an architecture without known pretraining statistics.
+        ConfigError: a DINOv3 checkpoint of unknown pretraining data without an override.
     """
-    if pretrained is not None:
-        processor = Path(pretrained) / "preprocessor_config.json"
-        if processor.is_file():
-            data = json.loads(processor.read_text())
-            if "image_mean" in data and "image_std" in data:
-                return tuple(data["image_mean"]), tuple(data["image_std"]), str(processor)
-    return PRETRAINING_STATS[arch]
+    if override is not None and not isinstance(override, dict):
+        override = {"mean": override.mean, "std": override.std}
+    decision = decide_normalization(arch=arch, pretrained=pretrained, override=override)
+    return decision.mean, decision.std, decision.reason
 
 
-def check_normalisation(*, arch: str, pretrained: str | None, normalize: Normalize) -> CheckResult:
+def check_normalisation(*, arch: str, pretrained: str | None, normalize: Normalize,
+                        override: Any = None) -> CheckResult:
     """The statistics the training pipeline normalises with equal the backbone's pretraining ones.
 
     Args:
         arch: ``segformer`` or ``dinov3``.
-        pretrained: The local checkpoint, if any (its ``preprocessor_config.json`` wins).
+        pretrained: The local checkpoint, if any (its pretraining data decides).
         normalize: What the data pipeline and the predictor use.
+        override: ``model.normalization`` ({mean, std} or an object with those attributes), if set.
     """
-    name = "3.normalisation"
-    mean, std, source = expected_normalisation(arch=arch, pretrained=pretrained)
     used = f"mean {_fmt(normalize.mean)} std {_fmt(normalize.std)}"
+    try:
+        mean, std, source = expected_normalisation(arch=arch, pretrained=pretrained, override=override)
+    except ConfigError as error:
+        return failed(_NAME, used, str(error).splitlines()[0],
+                      "set model.normalization: {mean: [...], std: [...]} to the statistics of the checkpoint's "
+                      "pretraining data (see docs/weights.md)")
     details = {"used": {"mean": list(normalize.mean), "std": list(normalize.std)},
                "expected": {"mean": list(mean), "std": list(std)}, "source": source}
-    off = max(abs(a - b) for a, b in zip((*normalize.mean, *normalize.std), (*mean, *std), strict=True))
-    if off > _TOLERANCE:
-        known = {label: stats for label, stats in (("ImageNet", (IMAGENET_MEAN, IMAGENET_STD)),
-                                                  ("satellite", (SATELLITE_MEAN, SATELLITE_STD)))}
+    if _distance((*normalize.mean, *normalize.std), (*mean, *std)) > _TOLERANCE:
+        known = {"ImageNet": (IMAGENET_MEAN, IMAGENET_STD), "satellite": (SATELLITE_MEAN, SATELLITE_STD)}
         named = next((label for label, (m, s) in known.items()
-                      if max(abs(a - b) for a, b in zip((*normalize.mean, *normalize.std), (*m, *s))) <= _TOLERANCE),
-                     "other")
-        return failed(name, used, f"{named} statistics on a {arch} backbone pretrained with {source}: "
-                                  f"expected mean {_fmt(mean)} std {_fmt(std)}",
+                      if _distance((*normalize.mean, *normalize.std), (*m, *s)) <= _TOLERANCE), "other")
+        return failed(_NAME, used, f"{named} statistics on a {arch} backbone whose expected statistics are "
+                                   f"mean {_fmt(mean)} std {_fmt(std)} ({source})",
                       f"normalise with the pretraining statistics ({source})", **details)
-    return passed(name, used, f"matches {source}", **details)
+    return passed(_NAME, used, f"matches {source}", **details)
+
+
+def _distance(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    return max(abs(x - y) for x, y in zip(a, b, strict=True))
 
 
 def _fmt(values) -> str:

@@ -18,10 +18,9 @@ import torch.distributed as dist
 from torch.utils.data import Dataset
 
 from mapsage_ds.data.transforms import Normalize, pad_to
-from mapsage_ds.engine import build_optimizer, initialize_engine
+from mapsage_ds.evaluation.metrics import ConfusionMatrix
 from mapsage_ds.health.result import CheckResult, failed, passed
-from mapsage_ds.metrics import ConfusionMatrix
-from mapsage_ds.optim import build_param_groups
+from mapsage_ds.runtime.engine import build_optimizer, initialize_engine
 from mapsage_ds.tasks import SegmentationTask
 
 
@@ -47,7 +46,8 @@ def centre_crop_batch(dataset: Dataset, indices: Sequence[int], *, crop_size: in
     return {"image": torch.stack(images), "mask": torch.stack(masks)}
 
 
-def run_overfit(task: SegmentationTask, batch: dict[str, torch.Tensor], *, ds_config: dict[str, Any], lr: float,
+def run_overfit(task: SegmentationTask, batch: dict[str, torch.Tensor], *, param_groups: list[dict[str, Any]],
+                ds_config: dict[str, Any], lr: float,
                 steps: int, num_classes: int, betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8,
                 device: torch.device) -> OverfitTrace:
     """Train ``task`` on ``batch`` for ``steps`` steps at constant ``lr`` through DeepSpeed; a collective.
@@ -57,7 +57,7 @@ def run_overfit(task: SegmentationTask, batch: dict[str, torch.Tensor], *, ds_co
     ``requires_grad=False`` stay frozen (as in the run's first phase). The engine is destroyed
     afterwards; ``task`` keeps the trained weights.
     """
-    groups = build_param_groups(task.named_parameters(), weight_decay=0.0)
+    groups = param_groups
     for group in groups:
         group["lr"] = lr * group["lr_scale"]
     engine = initialize_engine(task, build_optimizer(groups, lr=lr, betas=betas, eps=eps), ds_config)

@@ -15,11 +15,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mapsage_ds.accelerator import BACKENDS, DistributedContext, synchronize
 from mapsage_ds.data.loveda import IMAGE_DIR, MASK_DIR, SCENES, read_mask_file, read_rgb_file
 from mapsage_ds.errors import DataError
 from mapsage_ds.health.result import CheckResult, failed, passed, warned
 from mapsage_ds.models.weights import KeyReport
+from mapsage_ds.runtime.accelerator import BACKENDS, DistributedContext, synchronize
 
 # Relative Frobenius error of a matmul against a float64 reference, per precision.
 MATMUL_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 5e-3}
@@ -274,10 +274,11 @@ def check_checkpoint_keys(report: KeyReport | None, *, is_head: Callable[[str], 
     mismatched = [k for k, _, _ in report.shape_mismatched if not is_head(k)]
     head_missing = len(report.missing) - len(missing)
     figure = (f"{len(report.matched)} matched, {len(report.missing)} missing ({head_missing} head), "
-              f"{len(report.unexpected)} unexpected, {len(report.shape_mismatched)} shape-mismatched")
+              f"{len(report.unexpected)} unexpected, {len(report.shape_mismatched)} shape-mismatched, "
+              f"{len(report.head_skipped)} head tensor(s) skipped (class count)")
     details = {"source": report.source, "matched": len(report.matched), "missing_non_head": missing[:100],
                "shape_mismatched_non_head": mismatched[:100], "unexpected": report.unexpected[:100],
-               "head_missing": head_missing}
+               "head_missing": head_missing, "head_skipped": [k for k, _, _ in report.head_skipped]}
     if missing or mismatched:
         listed = ", ".join((missing + mismatched)[:_LISTED])
         return failed(name, figure, f"{len(missing)} non-head key(s) missing and {len(mismatched)} shape-mismatched "
@@ -291,26 +292,15 @@ def checkpoint_key_report(*, arch: str, size: str, pretrained: str,
                           class_names: Sequence[str]) -> tuple[KeyReport, Callable[[str], bool]]:
     """Load ``pretrained`` the way training does and return its key report, with the head test.
 
-    SegFormer: the checkpoint is matched key by key into a freshly built model; DINOv3: the
-    backbone is loaded by transformers (the head is not part of the checkpoint).
+    The checkpoint goes through the same reader, conversion, size cross-check and loader as
+    training (:func:`~mapsage_ds.models.factory.build_model`), without ZeRO and with backbone
+    problems reported instead of raised, so that the check can list them.
 
     Raises:
-        MissingFileError / DataError: if the checkpoint cannot be read.
+        MissingFileError / DataError / ConfigError: if the checkpoint cannot be read or is not the configured model.
     """
-    from mapsage_ds.models import build_model, load_matching_weights
-    from mapsage_ds.models.dinov3 import DINOv3Segmenter, dinov3_config
+    from mapsage_ds.models.factory import build_model, head_test
 
-    if arch == "dinov3":
-        model = DINOv3Segmenter(dinov3_config(size, pretrained=pretrained), num_classes=len(class_names),
-                                pretrained=pretrained)
-        return model.backbone_report, lambda key: False
-    built = build_model(arch=arch, size=size, class_names=list(class_names))
-    report = load_matching_weights(built.module, pretrained)
-
-    def is_head(key: str) -> bool:
-        try:
-            return built.layer_id(key) is None
-        except ValueError:  # a key the backbone does not know is not the head either
-            return False
-
-    return report, is_head
+    built = build_model(arch=arch, size=size, class_names=list(class_names), pretrained=pretrained, strict=False,
+                        normalization={"mean": [0.0] * 3, "std": [1.0] * 3})  # statistics are check 3's concern
+    return built.report, head_test(built.layer_id)

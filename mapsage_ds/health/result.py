@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
+
+from mapsage_ds.files import json_safe
 
 
 class Status(str, Enum):
@@ -46,7 +47,7 @@ class CheckResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict (NaN becomes null)."""
-        return _json_safe({"name": self.name, "status": self.status.value, "figure": self.figure,
+        return json_safe({"name": self.name, "status": self.status.value, "figure": self.figure,
                            "message": self.message, "fix": self.fix, "details": self.details})
 
 
@@ -85,19 +86,8 @@ def write_report(path: str | Path, results: Sequence[CheckResult], *, context: d
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     counts = {s.value: sum(r.status is s for r in results) for s in Status}
-    data = {**_json_safe(context), "ok": not any_failed(results), "summary": counts,
+    data = {**json_safe(context), "ok": not any_failed(results), "summary": counts,
             "results": [r.to_dict() for r in results]}
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
 
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value

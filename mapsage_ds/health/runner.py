@@ -19,24 +19,30 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, default_collate
 
-from mapsage_ds.accelerator import DistributedContext
+from mapsage_ds.builders import (
+    build_dataset,
+    build_run_model,
+    build_task_loss,
+    build_train_transform,
+    prepare_data_root,
+    unfreeze_plan,
+)
 from mapsage_ds.config import Config
 from mapsage_ds.data.classes import IGNORE_INDEX, LOVEDA_CLASSES
 from mapsage_ds.data.loveda import SPLITS, LoveDA, read_mask_file
 from mapsage_ds.data.mixing import cutmix
 from mapsage_ds.data.transforms import Normalize
-from mapsage_ds.engine import compute_dtype, fill_ds_config, read_ds_config
-from mapsage_ds.evaluation import evaluate
-from mapsage_ds.finetune import build_dataset, build_task_loss, build_train_transform, prepare_data_root, unfreeze_plan
+from mapsage_ds.evaluation.loop import run_evaluation
+from mapsage_ds.evaluation.metrics import ConfusionMatrix
+from mapsage_ds.evaluation.predictor import Predictor
 from mapsage_ds.health import alignment, consistency, eval_outputs, labels, metric, normalisation, overfit, preflight
 from mapsage_ds.health import splits as split_checks
 from mapsage_ds.health.result import CheckResult, failed, warned
-from mapsage_ds.inference import InferenceProtocol, Predictor
-from mapsage_ds.metrics import ConfusionMatrix
-from mapsage_ds.models import build_model
 from mapsage_ds.models.heads import build_boundary_head
+from mapsage_ds.optim.unfreeze import phase_param_groups
+from mapsage_ds.runtime.accelerator import DistributedContext
+from mapsage_ds.runtime.engine import compute_dtype, fill_ds_config, read_ds_config
 from mapsage_ds.tasks import SegmentationTask
-from mapsage_ds.unfreeze import set_frozen
 
 CHECK_NAMES = (
     "preflight.devices", "preflight.collectives", "preflight.data_files", "preflight.checkpoint_keys",
@@ -135,10 +141,8 @@ class _Run:
         torch.manual_seed(config.train.seed)  # the same initial weights on every rank, run after run
         if any(self.options.selects(n) for n in ("1.classes_ignore_index", "3.normalisation", "3.overfit",
                                                  "4.train_alignment", "4.inference_alignment")):
-            self.built, self.model_error = _try(lambda: build_model(
-                arch=config.model.arch, size=config.model.size, class_names=self.class_names,
-                pretrained=config.model.pretrained, ds_config=self.ds_config,
-                drop_path_rate=config.model.drop_path_rate))
+            self.built, self.model_error = _try(lambda: build_run_model(config, self.class_names,
+                                                                        ds_config=self.ds_config))
 
     def is_folder_tree(self) -> bool:
         return self.config.data.source == "loveda"
@@ -205,8 +209,7 @@ class _Run:
             return labels.check_label_agreement(
                 class_names=self.class_names, dataset_ignore_index=IGNORE_INDEX, model_num_classes=model_classes,
                 loss=build_task_loss(config.loss, num_classes=len(self.class_names)),
-                metric_num_classes=metric_probe.num_classes, metric_ignore_index=metric_probe.ignore_index,
-                config_num_classes=config.model.num_classes)
+                metric_num_classes=metric_probe.num_classes, metric_ignore_index=metric_probe.ignore_index)
 
         self.on_main("1.classes_ignore_index", agreement)
         if self.options.selects("1.raw_mask_values"):
@@ -239,12 +242,11 @@ class _Run:
             dataset = self._dataset(self.val_data, self.val_error)
             normalize = Normalize()
             decoder = alignment.ColourDecoder(normalize, with_ignore=False).to(self.ctx.device)
-            predictor = Predictor(decoder, normalize=normalize, protocol=InferenceProtocol.from_eval_config(section))
-            metrics = evaluate(predictor, dataset, device=self.ctx.device, rank=self.ctx.rank,
-                               world_size=self.ctx.world_size, class_names=self.class_names, ignore_index=IGNORE_INDEX,
-                               batch_size=1, max_images=self.options.eval_images,
-                               boundary_width=section.boundary_width,
-                               boundary_dilation_ratio=section.boundary_dilation_ratio)
+            predictor = Predictor(decoder, normalize=normalize, protocol=section)
+            metrics = run_evaluation(predictor, dataset, device=self.ctx.device, rank=self.ctx.rank,
+                                     world_size=self.ctx.world_size, class_names=self.class_names,
+                                     ignore_index=IGNORE_INDEX, protocol=dataclasses.replace(
+                                         section, batch_size=1, max_images=self.options.eval_images)).metrics
             height, width = dataset[0]["mask"].shape
             band = eval_outputs.band_width(boundary_width=section.boundary_width,
                                            dilation_ratio=section.boundary_dilation_ratio, height=height, width=width)
@@ -256,7 +258,8 @@ class _Run:
 
     def scale_and_normalisation(self) -> None:
         self.on_main("3.normalisation", lambda: normalisation.check_normalisation(
-            arch=self.config.model.arch, pretrained=self.config.model.pretrained, normalize=self._built().normalize))
+            arch=self.config.model.arch, pretrained=self.config.model.pretrained, normalize=self._built().normalize,
+            override=self.config.model.normalization))
         name = "3.overfit"
         if not self.options.selects(name):
             return
@@ -276,9 +279,12 @@ class _Run:
                 loss=build_task_loss(config.loss, num_classes=len(self.class_names)),
                 boundary_head=build_boundary_head(built.module) if config.model.boundary_head else None,
             ).to(self.ctx.device, compute_dtype(ds_config))
-            set_frozen(task.named_parameters(), layer_id=built.layer_id, num_layers=built.num_layers,
-                       fraction=unfreeze_plan(config.unfreeze).frozen_fraction(0))
-            outcome: Any = overfit.run_overfit(task, batch, ds_config=ds_config, lr=lr, steps=options.overfit_steps,
+            # The trainable set of the run's first phase; no weight decay, one lr: only the fit is tested.
+            _, groups = phase_param_groups(task.named_parameters, layer_id=built.layer_id,
+                                           num_layers=built.num_layers, weight_decay=0.0, lr_scale_of=None,
+                                           frozen_fraction=unfreeze_plan(config.unfreeze).frozen_fraction(0))
+            outcome: Any = overfit.run_overfit(task, batch, param_groups=groups, ds_config=ds_config, lr=lr,
+                                               steps=options.overfit_steps,
                                                num_classes=len(self.class_names), betas=config.optim.betas,
                                                eps=config.optim.eps, device=self.ctx.device)
         except Exception as error:  # noqa: BLE001 - reported as the check's FAIL
@@ -309,7 +315,7 @@ class _Run:
 
         def inference() -> CheckResult:
             dataset = self._dataset(self.val_data, self.val_error)
-            protocol = InferenceProtocol.from_eval_config(config.eval)
+            protocol = config.eval
             protocols = [protocol]
             if protocol.mode != "slide":  # the sliding-window path is always exercised
                 protocols.append(dataclasses.replace(protocol, mode="slide"))

@@ -18,7 +18,11 @@ from transformers import DINOv3ViTConfig, DINOv3ViTModel
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
 from mapsage_ds.errors import ConfigError, MissingFileError
+from mapsage_ds.models.normalization import SATELLITE_MEAN, SATELLITE_STD
 from mapsage_ds.models.weights import KeyReport
+
+__all__ = ["DINOV3_PRESETS", "SATELLITE_MEAN", "SATELLITE_STD", "DINOv3Segmenter", "FusionHead", "dinov3_config",
+           "dinov3_layer_id", "load_dinov3_export"]
 
 # Satellite checkpoints (dinov3-*-pretrain-sat493m); the "test" preset is for unit tests only.
 DINOV3_PRESETS: dict[str, dict] = {
@@ -28,32 +32,71 @@ DINOV3_PRESETS: dict[str, dict] = {
     "vit7b16": dict(hidden_size=4096, intermediate_size=8192, num_hidden_layers=40, num_attention_heads=32,
                     layerscale_value=1e-5, use_gated_mlp=True, hidden_act="silu"),
 }
-SATELLITE_MEAN = (0.430, 0.411, 0.296)
-SATELLITE_STD = (0.213, 0.156, 0.143)
 PATCH_SIZE = 16
 HEAD_WEIGHTS = "head.safetensors"
 HEAD_CONFIG = "mapsage_head.json"
 
 
-def dinov3_config(preset: str, *, pretrained: str | None = None, drop_path_rate: float = 0.0) -> DINOv3ViTConfig:
-    """Backbone config: the local checkpoint's own ``config.json`` when given, else a preset.
+# What the weights fix, and a named preset must agree with.
+_CHECKED_FIELDS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "use_gated_mlp",
+                   "patch_size", "num_register_tokens")
+
+
+def dinov3_config(
+    preset: str,
+    *,
+    pretrained: str | None = None,
+    drop_path_rate: float = 0.0,
+    checkpoint: DINOv3ViTConfig | None = None,
+    source: str = "",
+) -> DINOv3ViTConfig:
+    """Backbone config: the checkpoint's own when given (``preset`` is then a cross-check or ``auto``), else a preset.
+
+    Args:
+        preset: ``auto`` or a name in :data:`DINOV3_PRESETS`.
+        pretrained: an HF directory whose ``config.json`` is the checkpoint's config.
+        drop_path_rate: stochastic depth of the fine-tuning run.
+        checkpoint: the checkpoint's config (from :func:`~mapsage_ds.models.convert.sources.read_pretrained`).
+        source: the checkpoint's path, for messages.
 
     RoPE coordinate augmentation (shift, jitter, rescale) is switched off: it was a pretraining
     augmentation, and with it two forwards of the same image differ in train mode.
+
+    Raises:
+        ConfigError: an unknown preset, ``auto`` without a checkpoint, or a preset that is not the checkpoint's.
     """
     overrides = dict(pos_embed_shift=None, pos_embed_jitter=None, pos_embed_rescale=None,
                      drop_path_rate=drop_path_rate)
-    if pretrained is not None:
+    if checkpoint is None and pretrained is not None:
         config_file = Path(pretrained) / "config.json"
         if not config_file.is_file():
-            raise MissingFileError(f"model.pretrained={pretrained}: a DINOv3 checkpoint directory with "
-                                   f"config.json is expected (HF layout)")
-        config = DINOv3ViTConfig.from_dict({**json.loads(config_file.read_text()), **overrides})
-        return config
-    if preset not in DINOV3_PRESETS:
-        raise ConfigError(f"model.size='{preset}': expected one of {', '.join(DINOV3_PRESETS)} for arch dinov3")
-    return DINOv3ViTConfig(patch_size=PATCH_SIZE, num_register_tokens=4, key_bias=False,
-                           **DINOV3_PRESETS[preset], **overrides)
+            raise MissingFileError(f"model.pretrained={pretrained}: no config.json; read the checkpoint with "
+                                   f"mapsage_ds.models.convert.sources.read_pretrained")
+        checkpoint, source = DINOv3ViTConfig.from_dict(json.loads(config_file.read_text())), pretrained
+    if preset != "auto" and preset not in DINOV3_PRESETS:
+        raise ConfigError(f"model.size='{preset}': expected auto or one of {', '.join(DINOV3_PRESETS)} for arch "
+                          f"dinov3")
+    if checkpoint is None:
+        if preset == "auto":
+            raise ConfigError("model.size='auto' takes the architecture from model.pretrained, which is not set")
+        return DINOv3ViTConfig(**_preset_fields(preset), **overrides)
+    if preset != "auto":
+        expected = DINOv3ViTConfig(**_preset_fields(preset))
+        differ = {f: (getattr(expected, f), getattr(checkpoint, f)) for f in _CHECKED_FIELDS
+                  if getattr(expected, f) != getattr(checkpoint, f)}
+        if differ:
+            found = next((name for name in DINOV3_PRESETS if all(
+                getattr(DINOv3ViTConfig(**_preset_fields(name)), f) == getattr(checkpoint, f)
+                for f in _CHECKED_FIELDS)), None)
+            described = ", ".join(f"{f} {theirs}" for f, (_, theirs) in differ.items())
+            wanted = ", ".join(f"{f} {ours}" for f, (ours, _) in differ.items())
+            raise ConfigError(f"model.size='{preset}' ({wanted}) but {source or 'the checkpoint'} has {described} "
+                              f"({found or 'no preset'}); set model.size={found or 'auto'}")
+    return DINOv3ViTConfig.from_dict({**checkpoint.to_dict(), **overrides})
+
+
+def _preset_fields(preset: str) -> dict:
+    return dict(patch_size=PATCH_SIZE, num_register_tokens=4, key_bias=False, **DINOV3_PRESETS[preset])
 
 
 def default_feature_layers(num_layers: int, count: int = 4) -> list[int]:

@@ -18,19 +18,22 @@ from typing import Any
 from torch import nn
 from transformers import SegformerForSemanticSegmentation
 
-from mapsage_ds.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize
-from mapsage_ds.errors import ConfigError, DataError, MissingFileError
-from mapsage_ds.models.dinov3 import (
-    HEAD_CONFIG,
-    SATELLITE_MEAN,
-    SATELLITE_STD,
-    DINOv3Segmenter,
-    dinov3_config,
-    dinov3_layer_id,
-    load_dinov3_export,
+from mapsage_ds.data.transforms import Normalize
+from mapsage_ds.errors import ConfigError, MissingFileError
+from mapsage_ds.models.dinov3 import HEAD_CONFIG, DINOv3Segmenter, dinov3_config, dinov3_layer_id, load_dinov3_export
+from mapsage_ds.models.normalization import (
+    DECISION_FIELD,
+    IDENTITY_FIELD,
+    NormalizationDecision,
+    decide_normalization,
 )
-from mapsage_ds.models.segformer import segformer_config, segformer_layer_id
-from mapsage_ds.models.weights import KeyReport, load_matching_weights
+from mapsage_ds.models.segformer import (
+    SEGFORMER_SIZES,
+    segformer_config,
+    segformer_config_from_checkpoint,
+    segformer_layer_id,
+)
+from mapsage_ds.models.weights import KeyReport, load_pretrained_state, to_module_names
 
 ARCHITECTURES = ("segformer", "dinov3")
 
@@ -43,8 +46,9 @@ class BuiltModel:
         module: maps ``pixel_values`` to an output with ``.logits``; this is what gets exported.
         num_layers: backbone depth; layer ids run 0..num_layers + 1 (the head is not counted).
         layer_id: parameter name (relative to ``module``) -> layer id, None for head parameters.
-        normalize: the input normalisation of the backbone's pretraining.
+        normalize: the input normalisation of the backbone's pretraining (``normalization.normalize``).
         report: key report of the loaded weights, None when training from scratch.
+        normalization: the statistics and why they were chosen (printed, saved in the export).
     """
 
     module: nn.Module
@@ -52,6 +56,7 @@ class BuiltModel:
     layer_id: Callable[[str], int | None]
     normalize: Normalize
     report: KeyReport | None
+    normalization: NormalizationDecision | None = None
 
 
 @contextlib.contextmanager
@@ -81,45 +86,128 @@ def build_model(
     pretrained: str | None = None,
     ds_config: dict[str, Any] | None = None,
     drop_path_rate: float = 0.1,
+    normalization: Any = None,
+    verbose: bool = False,
+    strict: bool = True,
 ) -> BuiltModel:
-    """The network for ``arch``/``size`` with one output per class, with local weights if given.
+    """The network for ``arch``/``size`` with one output per class, starting from local weights if given.
+
+    ``pretrained`` is anything :func:`~mapsage_ds.models.convert.sources.read_pretrained` reads
+    (HF directory, safetensors, NVlabs / mmsegmentation / Meta checkpoints); the architecture
+    comes from it (``size="auto"``) or is cross-checked against ``size``. Every backbone tensor
+    must load, under every ZeRO stage; head tensors that do not fit the class count are skipped
+    and listed in the report.
+
+    Args:
+        arch: ``segformer`` or ``dinov3``.
+        size: a named size / preset, or ``auto`` (with ``pretrained``).
+        class_names: one output per class.
+        pretrained: the local checkpoint, or None to train from scratch.
+        ds_config: the filled DeepSpeed config; stage 3 builds the model born sharded.
+        drop_path_rate: stochastic depth.
+        normalization: ``model.normalization`` (``{mean, std}`` mapping or an object with those
+            attributes) overriding the statistics of the checkpoint's pretraining data.
+        verbose: print the weight report and the normalisation decision (on the calling rank).
+        strict: False only to inspect a checkpoint (the health check): a backbone that does not
+            fit is then described in ``report`` instead of raised.
 
     Raises:
-        ConfigError: unknown architecture or size.
-        DataError: the weights match nothing (SegFormer) or miss backbone keys (DINOv3).
+        ConfigError: unknown architecture or size, a size that is not the checkpoint's, an
+            architecture that is not the checkpoint's, or a DINOv3 checkpoint of unknown
+            pretraining data without ``normalization``.
+        DataError: a backbone tensor is missing or shape-mismatched, or did not load exactly.
     """
+    if arch not in ARCHITECTURES:
+        raise ConfigError(f"model.arch='{arch}': expected one of {', '.join(ARCHITECTURES)}")
+    converted = None
+    if pretrained is not None:
+        from mapsage_ds.models.convert.sources import read_pretrained
+
+        heads = SEGFORMER_SIZES.get(size, {}).get("num_attention_heads") if arch == "segformer" else None
+        converted = read_pretrained(pretrained, num_attention_heads=heads)
+        if converted.arch != arch:
+            raise ConfigError(f"model.arch='{arch}' but model.pretrained={pretrained} is a {converted.arch} "
+                              f"checkpoint ({converted.source_format} layout); set model.arch={converted.arch}")
+    decision = decide_normalization(arch=arch, pretrained=pretrained, override=_as_override(normalization),
+                                    checkpoint_pretraining=converted.pretraining if converted else None)
     if arch == "segformer":
-        return _build_segformer(size, class_names, pretrained, ds_config, drop_path_rate)
-    if arch == "dinov3":
-        return _build_dinov3(size, class_names, pretrained, ds_config, drop_path_rate)
-    raise ConfigError(f"model.arch='{arch}': expected one of {', '.join(ARCHITECTURES)}")
+        built = _build_segformer(size, class_names, pretrained, converted, ds_config, drop_path_rate, decision, strict)
+    else:
+        built = _build_dinov3(size, class_names, pretrained, converted, ds_config, drop_path_rate, decision, strict)
+    if verbose:
+        if built.report is not None:
+            print(built.report.summary(), flush=True)
+            if converted is not None and converted.dropped:
+                print(f"  not converted from {pretrained}: " + "; ".join(
+                    f"{k} ({why})" for k, why in converted.dropped.items()), flush=True)
+        print(decision.describe(), flush=True)
+    return built
 
 
-def _build_segformer(size, class_names, pretrained, ds_config, drop_path_rate) -> BuiltModel:
-    config = segformer_config(size, class_names)
+def _as_override(normalization: Any) -> dict[str, Any] | None:
+    if normalization is None or isinstance(normalization, dict):
+        return normalization
+    return {"mean": getattr(normalization, "mean", None), "std": getattr(normalization, "std", None)}
+
+
+def _record_identity(config: Any, decision: NormalizationDecision, identity: str | None) -> None:
+    """Carry the pretraining identity and the normalisation decision in the HF config (and so the export)."""
+    if identity is not None:
+        setattr(config, IDENTITY_FIELD, identity)
+    setattr(config, DECISION_FIELD, decision.to_dict())
+
+
+def _build_segformer(size, class_names, pretrained, converted, ds_config, drop_path_rate, decision,
+                     strict) -> BuiltModel:
+    if converted is None:
+        if size == "auto":
+            raise ConfigError("model.size='auto' takes the architecture from model.pretrained, which is not set")
+        config = segformer_config(size, class_names)
+    else:
+        has_head = any(k.startswith("decode_head.") for k in converted.state_dict)
+        config = segformer_config_from_checkpoint(size, class_names, converted.config, source=str(pretrained),
+                                                  has_decode_head=has_head)
     config.drop_path_rate = drop_path_rate
+    _record_identity(config, decision, converted.pretraining if converted else None)
     with zero3_construction(ds_config):
         # _from_config runs HF weight initialisation, which plain construction under zero.Init skips.
         model = SegformerForSemanticSegmentation._from_config(config)
-    report = load_matching_weights(model, pretrained) if pretrained else None
-    if report is not None and not report.matched:
-        raise DataError(f"model.pretrained={pretrained}: no tensor matched the model's keys\n{report.summary()}")
-    return BuiltModel(model, sum(config.depths), partial(segformer_layer_id, depths=list(config.depths)),
-                      Normalize(IMAGENET_MEAN, IMAGENET_STD), report)
-
-
-def _build_dinov3(size, class_names, pretrained, ds_config, drop_path_rate) -> BuiltModel:
-    config = dinov3_config(size, pretrained=pretrained, drop_path_rate=drop_path_rate)
-    with zero3_construction(ds_config):
-        model = DINOv3Segmenter(config, num_classes=len(class_names), pretrained=pretrained)
+    layer_id = partial(segformer_layer_id, depths=list(config.depths))
     report = None
-    if pretrained is not None:
-        report = model.backbone_report
-        if report.missing:
-            raise DataError(f"model.pretrained={pretrained}: backbone keys missing\n{report.summary()}")
+    if converted is not None:
+        state = to_module_names(converted.state_dict, model)
+        report = load_pretrained_state(model, state, source=str(pretrained), is_head=head_test(layer_id),
+                                       strict=strict)
+    return BuiltModel(model, sum(config.depths), layer_id, decision.normalize, report, decision)
+
+
+def _build_dinov3(size, class_names, pretrained, converted, ds_config, drop_path_rate, decision,
+                  strict) -> BuiltModel:
+    config = dinov3_config(size, drop_path_rate=drop_path_rate, checkpoint=converted.config if converted else None,
+                           source=str(pretrained))
+    _record_identity(config, decision, converted.pretraining if converted else None)
+    with zero3_construction(ds_config):
+        # Born sharded under ZeRO-3: the backbone is built with _from_config inside zero.Init.
+        model = DINOv3Segmenter(config, num_classes=len(class_names))
     layers = config.num_hidden_layers
-    return BuiltModel(model, layers, partial(dinov3_layer_id, num_layers=layers),
-                      Normalize(SATELLITE_MEAN, SATELLITE_STD), report)
+    layer_id = partial(dinov3_layer_id, num_layers=layers)
+    report = None
+    if converted is not None:
+        state = to_module_names(converted.state_dict, model.backbone, prefix="backbone.")
+        report = load_pretrained_state(model, state, source=str(pretrained), is_head=head_test(layer_id),
+                                       strict=strict)
+    return BuiltModel(model, layers, layer_id, decision.normalize, report, decision)
+
+
+def head_test(layer_id: Callable[[str], int | None]) -> Callable[[str], bool]:
+    """Whether a module name belongs to the head (no layer id), from the model's own layer numbering."""
+    def is_head(name: str) -> bool:
+        try:
+            return layer_id(name) is None
+        except ConfigError:  # a name outside the backbone's numbering is not a backbone tensor either
+            return True
+
+    return is_head
 
 
 def enable_activation_checkpointing(module: nn.Module) -> int:

@@ -36,6 +36,55 @@ def segformer_config(size: str, class_names: list[str]) -> SegformerConfig:
     )
 
 
+# What the weights fix (and a named size must agree with); the rest of the encoder config comes along.
+_ENCODER_FIELDS = ("num_channels", "num_encoder_blocks", "depths", "sr_ratios", "hidden_sizes", "patch_sizes",
+                   "strides", "num_attention_heads", "mlp_ratios", "hidden_act", "layer_norm_eps")
+
+
+def size_of(depths: list[int], hidden_sizes: list[int]) -> str | None:
+    """The named size with these depths and widths, if any."""
+    wanted = (list(depths), list(hidden_sizes))
+    return next((name for name, fields in SEGFORMER_SIZES.items()
+                 if (list(fields["depths"]), list(fields["hidden_sizes"])) == wanted), None)
+
+
+def segformer_config_from_checkpoint(
+    size: str, class_names: list[str], checkpoint: SegformerConfig, *, source: str, has_decode_head: bool
+) -> SegformerConfig:
+    """The SegFormer config of a checkpoint's encoder, with one output per class.
+
+    ``size="auto"`` takes the architecture from the checkpoint; a named size is a cross-check.
+    The decoder width is the checkpoint's when it carries a decode head, else the named (or
+    matching) size's.
+
+    Raises:
+        ConfigError: the named size is not the checkpoint's.
+    """
+    depths, hidden = list(checkpoint.depths), list(checkpoint.hidden_sizes)
+    found = size_of(depths, hidden)
+    if size != "auto":
+        if size not in SEGFORMER_SIZES:
+            raise ConfigError(f"model.size='{size}': expected auto or one of {', '.join(SEGFORMER_SIZES)}")
+        named = SEGFORMER_SIZES[size]
+        if list(named["depths"]) != depths or list(named["hidden_sizes"]) != hidden:
+            raise ConfigError(f"model.size='{size}' (depths {list(named['depths'])} hidden "
+                              f"{list(named['hidden_sizes'])}) but {source} is depths {depths} hidden {hidden} "
+                              f"({found or 'no named size'}); set model.size={found or 'auto'}")
+    encoder = {name: getattr(checkpoint, name) for name in _ENCODER_FIELDS}
+    if has_decode_head or (size == "auto" and found is None):
+        decoder_hidden_size = checkpoint.decoder_hidden_size
+    else:
+        decoder_hidden_size = SEGFORMER_SIZES[size if size != "auto" else found]["decoder_hidden_size"]
+    return SegformerConfig(
+        num_labels=len(class_names),
+        id2label=dict(enumerate(class_names)),
+        label2id={name: i for i, name in enumerate(class_names)},
+        semantic_loss_ignore_index=255,
+        decoder_hidden_size=decoder_hidden_size,
+        **encoder,
+    )
+
+
 def build_segformer(size: str, class_names: list[str]) -> SegformerForSemanticSegmentation:
     """Randomly initialised SegFormer of the given size (HF weight init)."""
     return SegformerForSemanticSegmentation(segformer_config(size, class_names))

@@ -22,7 +22,7 @@ from mapsage_ds.errors import ConfigError, MapSageError
 from mapsage_ds.losses import CompositeLoss
 from mapsage_ds.losses.distill import DistillationLoss
 from mapsage_ds.tasks.segmentation import SegmentationTask, upsample_logits
-from mapsage_ds.teacher import FrozenTeacher, TeacherOutputs
+from mapsage_ds.tasks.teacher import FrozenTeacher, TeacherOutputs
 
 TeacherSource = Callable[[dict[str, torch.Tensor]], TeacherOutputs]
 

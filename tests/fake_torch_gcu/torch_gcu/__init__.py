@@ -19,9 +19,11 @@ Put ``tests/fake_torch_gcu`` on ``PYTHONPATH`` and ``import torch_gcu`` behaves,
   and delegates to gloo (skipped when ``FAKE_GCU_ECCL=0``, to test the missing-backend error).
 
 What it cannot do: a PrivateUse1 device cannot be backed by Python cheaply, so there is no tensor
-device ``"gcu"`` here. Tensors stay on the CPU, and the module says so by setting
-``MAPSAGE_HOST_TENSORS = True``, which ``mapsage_ds`` reads to place tensors on ``cpu`` and report
-``"standin": true``. Consequently the stand-in proves the contract between ``mapsage_ds``,
+device ``"gcu"`` here. Tensors stay on the CPU: on import, this module adapts
+``mapsage_ds.runtime.gcu.GCUAccelerator`` (see :func:`_keep_tensors_on_the_host`) so that it places
+tensors on ``cpu`` and acts as a synchronous device; the version string ends in ``+standin``, which
+every rank's report line shows. Production code holds no branch for the stand-in.
+Consequently the stand-in proves the contract between ``mapsage_ds``,
 DeepSpeed and the ``torch.gcu`` API (detection, accelerator installation, LOCAL_RANK binding,
 backend selection, the calls DeepSpeed makes), but not that any kernel, stream, memory figure or
 ECCL collective works on real cards: memory statistics are zeros, streams and events are no-ops
@@ -41,7 +43,6 @@ import torch
 import torch.distributed as dist
 
 __version__ = "2.14.1+standin"
-MAPSAGE_HOST_TENSORS = True
 
 _state = {"current": 0, "generators": {}}
 
@@ -291,3 +292,37 @@ def _register_eccl() -> None:
 
 _register_torch_gcu()
 _register_eccl()
+
+
+def _keep_tensors_on_the_host() -> None:
+    """Adapt MapSage's GCU accelerator to this stand-in, whose tensors live on the (synchronous) CPU.
+
+    The accelerator imports this module while it is being constructed, so its methods are
+    replaced on the class itself: every device query still reaches ``torch.gcu`` above, but tensors
+    are created on ``cpu``, nothing is pinned, and DeepSpeed is told not to use side streams
+    (CPU tensors cannot record on them).
+    """
+    try:
+        from mapsage_ds.runtime import gcu
+    except ImportError:  # imported outside mapsage_ds: nothing to adapt
+        return
+    accelerator = gcu.GCUAccelerator
+
+    def device_name(self, device_index=None) -> str:
+        return "cpu"
+
+    def synchronous(self) -> bool:
+        return True
+
+    def host_tensor(self, dtype):
+        return lambda *args, **kwargs: torch.tensor(*args, dtype=dtype, device="cpu", **kwargs)
+
+    accelerator.device_name = device_name
+    accelerator.is_synchronized_device = synchronous
+    accelerator._tensor = host_tensor
+    accelerator._torch_pin_memory = lambda self, tensor: tensor
+    accelerator._torch_empty_pinned = lambda self, tensor, shape: tensor.new_empty(shape)
+    accelerator.on_accelerator = lambda self, tensor: tensor.device.type == "cpu"
+
+
+_keep_tensors_on_the_host()

@@ -1,0 +1,158 @@
+"""Builders: the only place where a run's :class:`~mapsage_ds.config.Config` becomes library objects.
+
+Each builder reads one or two config sections and calls library code with typed keyword
+arguments; training, distillation, the dry run and the health checks share them, so a config
+means the same thing to all of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Dataset
+
+from mapsage_ds.config import Config, DataConfig, LossConfig, OptimConfig, TrainConfig, UnfreezeConfig
+from mapsage_ds.data.classes import IGNORE_INDEX
+from mapsage_ds.data.hf_source import HFSegmentationDataset
+from mapsage_ds.data.loaders import TrainSampler, TrainStream, TransformedDataset
+from mapsage_ds.data.loveda import LoveDA
+from mapsage_ds.data.mixing import MixCollate
+from mapsage_ds.data.samplers import BatchCropSizes, ClassAwareSampler, class_presence, repeat_factors
+from mapsage_ds.data.synthetic import ensure_synthetic_tree
+from mapsage_ds.data.transforms import Normalize, TrainTransform
+from mapsage_ds.errors import ConfigError
+from mapsage_ds.losses import CompositeLoss, build_loss
+from mapsage_ds.models import build_model
+from mapsage_ds.models.factory import BuiltModel
+from mapsage_ds.optim.param_groups import layer_decay_scale
+from mapsage_ds.optim.unfreeze import UnfreezePlan
+from mapsage_ds.planning.plan import MemoryPlan, plan_for_run
+from mapsage_ds.runtime.accelerator import DistributedContext
+from mapsage_ds.runtime.engine import EngineBuilder, fill_ds_config, read_ds_config
+
+
+def data_root(data: DataConfig) -> str:
+    """``data.root``, which every command that reads data needs (the dry run and the planner do not)."""
+    if data.root is None:
+        raise ConfigError("data.root is not set: pass --data-root or --set data.root=PATH")
+    return data.root
+
+
+def prepare_data_root(data: DataConfig, ctx: DistributedContext) -> None:
+    """Generate the synthetic tree once (rank 0) when the config asks for one."""
+    root = data_root(data)
+    if data.synthetic is not None and ctx.is_main:
+        ensure_synthetic_tree(root, data.synthetic)
+    dist.barrier()
+
+
+def build_dataset(data: DataConfig, split: str) -> Dataset:
+    """The raw (untransformed) dataset of ``split`` from the configured source."""
+    if data.source == "hf":
+        return HFSegmentationDataset(data_root(data), split=split, image_column=data.hf_image_column,
+                                     mask_column=data.hf_mask_column, mask_encoding=data.hf_mask_encoding)
+    return LoveDA(data_root(data), split, scenes=data.scenes)
+
+
+def build_train_transform(data: DataConfig, normalize: Normalize) -> TrainTransform:
+    """The per-sample training augmentation ``data`` and ``data.augment`` describe."""
+    aug = data.augment
+    return TrainTransform(crop_size=data.crop_size, hflip=data.hflip, normalize=normalize,
+                          scale_range=tuple(aug.scale_range), vflip=aug.vflip, rot90=aug.rot90,
+                          rotate_degrees=aug.rotate_degrees, rotate_prob=aug.rotate_prob, color_jitter=aug.color_jitter)
+
+
+def build_train_stream(data: DataConfig, train_data: TransformedDataset, ctx: DistributedContext, *,
+                       batch_size: int, seed: int, num_classes: int) -> TrainStream:
+    """Sampler (uniform or class-aware, optionally one crop size per batch) and batch mixing."""
+    aug = data.augment
+    shard = dict(rank=ctx.rank, world_size=ctx.world_size, batch_size=batch_size, seed=seed)
+    if data.sampler == "class_aware":
+        presence = class_presence(train_data.base, num_classes=num_classes, num_workers=data.num_workers)
+        sampler = ClassAwareSampler(repeat_factors(presence, thresh=data.repeat_thresh), **shard)
+    else:
+        sampler = TrainSampler(len(train_data), **shard)
+    if aug.crop_sizes:
+        sampler = BatchCropSizes(sampler, aug.crop_sizes)
+    collate = (MixCollate(mixup=aug.mixup, cutmix=aug.cutmix, mixup_alpha=aug.mixup_alpha,
+                          cutmix_alpha=aug.cutmix_alpha) if aug.mixup > 0 or aug.cutmix > 0 else None)
+    return TrainStream(train_data, sampler, num_workers=data.num_workers, collate_fn=collate)
+
+
+def build_task_loss(loss: LossConfig, *, num_classes: int) -> CompositeLoss:
+    """The composite loss of the ``loss`` section."""
+    return build_loss(ce=loss.ce, dice=loss.dice, lovasz=loss.lovasz, boundary=loss.boundary,
+                      class_weights=loss.class_weights, label_smoothing=loss.label_smoothing,
+                      ohem_thresh=None if loss.ohem is None else loss.ohem.thresh,
+                      ohem_min_kept=100_000 if loss.ohem is None else loss.ohem.min_kept,
+                      boundary_radius=loss.boundary_radius, ignore_index=IGNORE_INDEX, num_classes=num_classes)
+
+
+def unfreeze_plan(config: UnfreezeConfig | None) -> UnfreezePlan:
+    """The run's unfreezing plan (nothing frozen when the config has none)."""
+    if config is None:
+        return UnfreezePlan()
+    return UnfreezePlan(config.initial_frozen_fraction, tuple((s.at_step, s.frozen_fraction) for s in config.stages))
+
+
+def build_ds_config(train: TrainConfig, optim: OptimConfig, *, world_size: int,
+                    micro_batch_size: int | None = None, grad_accum_steps: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed config ``train.deepspeed`` names, filled from the run's batch geometry."""
+    return fill_ds_config(
+        read_ds_config(train.deepspeed), world_size=world_size, grad_clip=optim.grad_clip,
+        micro_batch_size=train.micro_batch_size if micro_batch_size is None else micro_batch_size,
+        grad_accum_steps=train.grad_accum_steps if grad_accum_steps is None else grad_accum_steps,
+    )
+
+
+def build_run_model(config: Config, class_names: list[str], *, ds_config: dict[str, Any] | None = None,
+                    pretrained: bool = True, verbose: bool = False) -> BuiltModel:
+    """The network of ``config.model`` (with its local starting weights unless ``pretrained=False``).
+
+    ``verbose`` prints the weights' key report and the normalisation decision (pass it on rank 0).
+    """
+    model = config.model
+    return build_model(arch=model.arch, size=model.size, class_names=class_names,
+                       pretrained=model.pretrained if pretrained else None, ds_config=ds_config,
+                       drop_path_rate=model.drop_path_rate, normalization=model.normalization, verbose=verbose)
+
+
+def lr_scales(optim: OptimConfig, built: BuiltModel, *, model_prefix: str = "model."):
+    """Layer-decay learning-rate multiplier per parameter name."""
+    return layer_decay_scale(layer_id=built.layer_id, num_layers=built.num_layers, layer_decay=optim.layer_decay,
+                             backbone_lr_mult=optim.backbone_lr_mult, model_prefix=model_prefix)
+
+
+def build_engine_builder(config: Config, task: nn.Module, built: BuiltModel, ds_config: dict[str, Any], *,
+                         verbose: bool) -> EngineBuilder:
+    """The engine life cycle (freeze, groups, optimizer, initialize, state carry-over) of this run."""
+    optim = config.optim
+    return EngineBuilder(task=task, ds_config=ds_config, layer_id=built.layer_id, num_layers=built.num_layers,
+                         unfreeze=unfreeze_plan(config.unfreeze), lr=optim.lr, betas=optim.betas, eps=optim.eps,
+                         weight_decay=optim.weight_decay, lr_scale_of=lr_scales(optim, built), verbose=verbose)
+
+
+def build_meta_model(config: Config, class_names: list[str]) -> BuiltModel:
+    """The run's network on the meta device: shapes only, nothing allocated, no weights read."""
+    with torch.device("meta"):
+        return build_run_model(config, class_names, pretrained=False)
+
+
+def build_memory_plan(config: Config, built: BuiltModel, *, cards: int, card_memory: int, margin: float | None = None,
+                      overhead: int | None = None, host_memory: int | None = None) -> MemoryPlan:
+    """The memory plan of ``config`` on ``cards`` cards, for a model from :func:`build_meta_model`."""
+    extra = {k: v for k, v in dict(margin=margin, overhead=overhead).items() if v is not None}
+    plan = plan_for_run(
+        built=built, ds_config=read_ds_config(config.train.deepspeed), unfreeze=unfreeze_plan(config.unfreeze),
+        weight_decay=config.optim.weight_decay, lr_scale_of=lr_scales(config.optim, built, model_prefix=""),
+        micro_batch_size=config.train.micro_batch_size, crop_size=config.data.crop_size,
+        activation_checkpointing=config.train.activation_checkpointing,
+        model_name=f"{config.model.arch} {config.model.size}", cards=cards, card_memory=card_memory,
+        host_memory=host_memory, **extra,
+    )
+    if config.model.pretrained:
+        plan.notes.append(f"sizes come from the '{config.model.size}' preset, not from {config.model.pretrained}")
+    return plan

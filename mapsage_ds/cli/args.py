@@ -1,0 +1,146 @@
+"""Command-line arguments shared by the scripts: recipe, config file, overrides."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from mapsage_ds.config import Config, load_config, recipe_names
+from mapsage_ds.data.classes import LOVEDA_CLASSES
+from mapsage_ds.errors import ConfigError
+from mapsage_ds.evaluation.protocol import FLIPS, MODES, EvalProtocol
+from mapsage_ds.evaluation.sources import build_predictor, build_refiner, parse_ensemble
+from mapsage_ds.runtime.accelerator import ACCELERATORS
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, *, default_recipe: str | None) -> None:
+    """``--recipe``, ``--config``, ``--set`` and the common shortcuts."""
+    parser.add_argument("--recipe", default=None,
+                        help=f"packaged recipe ({', '.join(recipe_names())}); default: {default_recipe}")
+    parser.add_argument("--config", default=None, help="YAML file with config fields (applied after --recipe)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one field, e.g. --set optim.lr=1e-4 (repeatable)")
+    parser.add_argument("--data-root", default=None, help="shortcut for --set data.root=PATH")
+    parser.add_argument("--output-dir", default=None, help="shortcut for --set output_dir=PATH")
+    parser.add_argument("--accelerator", default=None,
+                        help=f"device type: {' | '.join(ACCELERATORS)} (default: $MAPSAGE_ACCELERATOR, "
+                             f"else the first present in that order)")
+    # The deepspeed launcher appends --local_rank=N; the rank is read from the environment.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def config_from_args(args: argparse.Namespace, *, default_recipe: str | None,
+                     extra_overrides: list[str] = ()) -> Config:
+    """Resolve the run config the arguments describe (``extra_overrides`` come before ``--set``)."""
+    recipe = args.recipe or (default_recipe if args.config is None else None)
+    overrides = [*extra_overrides, *args.overrides]
+    if args.data_root is not None:
+        overrides.append(f"data.root={json.dumps(args.data_root)}")
+    if args.output_dir is not None:
+        overrides.append(f"output_dir={json.dumps(args.output_dir)}")
+    return load_config(recipe=recipe, config_file=args.config, overrides=overrides)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model`` | ``--checkpoint`` (+ ``--tag``; the run's config.yaml via ``--config``) | ``--ensemble``."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="export directory written by finetune.py (export/ or best/)")
+    source.add_argument("--checkpoint", help="DeepSpeed checkpoint directory of a run (runs/x/checkpoints); "
+                                             "needs --config RUN/config.yaml")
+    source.add_argument("--ensemble", help="exports with weights: DIR:W,DIR:W (probabilities averaged)")
+    parser.add_argument("--tag", default=None, help="checkpoint tag (with --checkpoint; default: latest)")
+
+
+# Shorthand flag -> eval.* key; each given flag becomes one --set override of the eval section.
+_PROTOCOL_SHORTHANDS = {"mode": "mode", "tile": "tile", "stride": "stride", "tta_scales": "tta_scales",
+                        "tta_flip": "tta_flip", "window_batch_size": "window_batch_size", "batch_size": "batch_size",
+                        "max_images": "max_images", "boundary_width": "boundary_width",
+                        "boundary_dilation_ratio": "boundary_dilation_ratio"}
+
+
+def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
+    """Shorthands for the ``eval`` section (``--mode slide`` is ``--set eval.mode=slide``)."""
+    group = parser.add_argument_group("evaluation protocol (shorthands for --set eval.KEY=VALUE)")
+    group.add_argument("--mode", default=None, choices=MODES)
+    group.add_argument("--tile", type=int, default=None, help="slide: window side in pixels")
+    group.add_argument("--stride", type=int, default=None, help="slide: step between windows")
+    group.add_argument("--tta-scales", default=None, help="comma-separated scale factors, e.g. 0.75,1.0,1.25,1.5")
+    group.add_argument("--tta-flip", nargs="?", const="h", default=None,
+                       help=f"extra flipped views: bare flag = h; or a comma list of {', '.join(FLIPS)}")
+    group.add_argument("--window-batch-size", type=int, default=None, help="slide: windows per forward pass")
+    group.add_argument("--batch-size", type=int, default=None, help="images per step")
+    group.add_argument("--max-images", type=int, default=None, help="evaluate the first N images only")
+    group.add_argument("--boundary-width", type=int, default=None,
+                       help="boundary IoU band in pixels (default: eval.boundary_dilation_ratio of the diagonal)")
+    group.add_argument("--boundary-dilation-ratio", type=float, default=None)
+
+
+def protocol_overrides(args: argparse.Namespace) -> list[str]:
+    """The ``eval.*`` overrides the protocol shorthands given on the command line stand for."""
+    overrides = []
+    for flag, key in _PROTOCOL_SHORTHANDS.items():
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        if flag == "tta_scales":
+            value = list(_float_list(value, "--tta-scales"))
+        elif flag == "tta_flip":
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        overrides.append(f"eval.{key}={json.dumps(value)}")
+    return overrides
+
+
+def add_refine_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--refine sam --sam-model DIR`` and the replacement thresholds."""
+    parser.add_argument("--refine", default="none", choices=["none", "sam"], help="boundary refinement (off)")
+    parser.add_argument("--sam-model", default=None,
+                        help="local SAM: a transformers directory (e.g. sam-vit-base) or Meta's sam_vit_{b,l,h}_*.pth")
+    parser.add_argument("--sam-score-threshold", type=float, default=0.8, help="minimum SAM predicted IoU")
+    parser.add_argument("--sam-confidence", type=float, default=0.9, help="minimum SAM pixel probability")
+    parser.add_argument("--sam-min-area", type=int, default=64, help="smallest region prompted (pixels)")
+    parser.add_argument("--sam-max-regions", type=int, default=32, help="regions prompted per image")
+
+
+def _float_list(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError as error:
+        raise ConfigError(f"{flag} {text!r}: expected comma-separated numbers") from error
+
+
+def check_source_arguments(args: argparse.Namespace) -> None:
+    """Fail before any process group exists on inconsistent model/refinement arguments."""
+    if args.checkpoint is not None and args.config is None:
+        raise ConfigError("--checkpoint needs --config: the run's config.yaml (it names the architecture)")
+    if args.checkpoint is None and args.tag is not None:
+        raise ConfigError("--tag only applies with --checkpoint")
+    if args.ensemble is not None:
+        parse_ensemble(args.ensemble)
+    if args.refine == "sam" and args.sam_model is None:
+        raise ConfigError("--refine sam needs --sam-model DIR (a local SAM checkpoint)")
+    if args.refine != "sam" and args.sam_model is not None:
+        raise ConfigError("--sam-model given without --refine sam")
+
+
+def build_predictor_from_args(args: argparse.Namespace, config: Config, *, device, protocol: EvalProtocol):
+    """:func:`~mapsage_ds.evaluation.sources.build_predictor` for the ``--model/--checkpoint/--ensemble`` arguments.
+
+    A checkpoint's network is rebuilt from the run's config (``--config RUN/config.yaml``), with its
+    starting weights, so that its architecture (``model.size: auto``) and normalisation are the run's.
+    """
+    network = None
+    if args.checkpoint is not None:
+        from mapsage_ds.builders import build_run_model
+
+        network = build_run_model(config, list(LOVEDA_CLASSES))
+    return build_predictor(model=args.model, checkpoint=args.checkpoint, checkpoint_network=network, tag=args.tag,
+                           ensemble=args.ensemble, device=device, protocol=protocol)
+
+
+def build_refiner_from_args(args: argparse.Namespace, *, device):
+    """The SAM refiner when ``--refine sam``, else ``(None, None)``."""
+    if args.refine != "sam":
+        return None, None
+    return build_refiner(sam_model=args.sam_model, device=device, score_threshold=args.sam_score_threshold,
+                         confidence=args.sam_confidence, min_region_area=args.sam_min_area,
+                         max_regions=args.sam_max_regions)

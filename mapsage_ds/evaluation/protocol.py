@@ -1,0 +1,105 @@
+"""The evaluation protocol: the ``eval`` section of a run config, and the one spelling of it everywhere.
+
+Validation during training, ``mapsage-evaluate``, ``mapsage-predict``, the experiment tracks and
+the health checks all take an :class:`EvalProtocol`; its fields are the ``eval.*`` config keys, so
+a protocol is recorded, compared and overridden (``--set eval.tile=1024``) in one form.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from mapsage_ds.errors import ConfigError
+
+MODES = ("whole", "slide")
+# TTA flip name -> tensor dims flipped (images are [N, C, H, W]).
+FLIPS: dict[str, tuple[int, ...]] = {"h": (-1,), "v": (-2,), "hv": (-2, -1)}
+
+
+@dataclass(frozen=True)
+class EvalProtocol:
+    """How images become predictions and how predictions are scored; record it beside every score.
+
+    Attributes:
+        mode: ``"whole"`` (one forward per image) or ``"slide"`` (overlapping windows).
+        tile: Window side in pixels (slide); a side shorter than ``tile`` is one window wide.
+        stride: Step between window origins (slide), ``0 < stride <= tile``.
+        tta_scales: TTA scale factors; each view is resized by the factor, predicted, and its
+            logits resized back to the input size.
+        tta_flip: Extra TTA views per scale: any of ``"h"``, ``"v"``, ``"hv"``; the unflipped
+            view is always included.
+        window_batch_size: Windows per forward pass (slide).
+        batch_size: Images per evaluation step.
+        max_images: Evaluate the first N images only (None: all).
+        boundary_width: Boundary IoU band in pixels (Cheng et al., 2021); None: ``boundary_dilation_ratio``
+            of the image diagonal.
+        boundary_dilation_ratio: The band as a fraction of the image diagonal.
+
+    Raises:
+        ConfigError: naming every invalid ``eval.*`` value at once.
+    """
+
+    mode: str = "whole"
+    tile: int = 512
+    stride: int = 256
+    tta_scales: list[float] = field(default_factory=lambda: [1.0])
+    tta_flip: list[str] = field(default_factory=list)
+    window_batch_size: int = 8
+    batch_size: int = 1
+    max_images: int | None = None
+    boundary_width: int | None = None
+    boundary_dilation_ratio: float = 0.02
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tta_scales", [float(s) for s in self.tta_scales])
+        object.__setattr__(self, "tta_flip", list(self.tta_flip))
+        problems = []
+        if self.mode not in MODES:
+            problems.append(f"eval.mode={self.mode!r}: expected one of {', '.join(MODES)}")
+        if self.tile <= 0 or self.stride <= 0 or self.stride > self.tile:
+            problems.append(f"eval.tile={self.tile}, eval.stride={self.stride}: expected 0 < stride <= tile")
+        if not self.tta_scales or any(not s > 0 for s in self.tta_scales):
+            problems.append(f"eval.tta_scales={self.tta_scales}: expected one or more values > 0")
+        unknown = [f for f in self.tta_flip if f not in FLIPS]
+        if unknown or len(set(self.tta_flip)) != len(self.tta_flip):
+            problems.append(f"eval.tta_flip={self.tta_flip}: expected distinct values among {', '.join(FLIPS)}")
+        for name in ("window_batch_size", "batch_size"):
+            if getattr(self, name) <= 0:
+                problems.append(f"eval.{name}={getattr(self, name)}: expected a value > 0")
+        if self.max_images is not None and self.max_images <= 0:
+            problems.append(f"eval.max_images={self.max_images}: expected a value > 0 (or null for all)")
+        if self.boundary_width is not None and self.boundary_width < 1:
+            problems.append(f"eval.boundary_width={self.boundary_width}: expected pixels >= 1 (or null)")
+        if not 0.0 < self.boundary_dilation_ratio < 1.0:
+            problems.append(f"eval.boundary_dilation_ratio={self.boundary_dilation_ratio}: expected 0 < value < 1")
+        if problems:
+            raise ConfigError("invalid evaluation protocol:\n  " + "\n  ".join(problems))
+
+    @property
+    def num_views(self) -> int:
+        """TTA views per image: scales × (1 + flips)."""
+        return len(self.tta_scales) * (1 + len(self.tta_flip))
+
+    def scored(self) -> dict[str, object]:
+        """The settings that change a score (slide geometry only in slide mode); equal dicts score alike.
+
+        Batch sizes are left out: every image is predicted on its own, so they change nothing.
+        """
+        values: dict[str, object] = {"mode": self.mode}
+        if self.mode == "slide":
+            values.update(tile=self.tile, stride=self.stride)
+        values["tta_scales"] = list(self.tta_scales)
+        values["tta_flip"] = sorted(self.tta_flip)
+        values["boundary_band"] = (f"{self.boundary_width} px" if self.boundary_width is not None
+                                   else f"{self.boundary_dilation_ratio:g} of the diagonal")
+        values["max_images"] = self.max_images
+        return values
+
+    def to_dict(self) -> dict:
+        """Plain, JSON-friendly dict (for reports)."""
+        return asdict(self)
+
+
+def protocol_keys() -> list[str]:
+    """The ``eval.*`` keys, in declaration order."""
+    return [f.name for f in fields(EvalProtocol)]

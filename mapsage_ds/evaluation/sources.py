@@ -1,0 +1,126 @@
+"""Where evaluated models come from: exports, DeepSpeed checkpoints, ensembles; and the SAM refiner.
+
+A model comes from one of three sources: an export directory written by this project
+(``--model``), a DeepSpeed checkpoint of a run plus its ``config.yaml`` (``--checkpoint``,
+consolidated with DeepSpeed's ``zero_to_fp32`` utilities, any ZeRO stage), or several exports
+with weights (``--ensemble dir:w,dir:w``). Each model keeps its own input normalisation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mapsage_ds.data.classes import IGNORE_INDEX
+from mapsage_ds.data.transforms import Normalize
+from mapsage_ds.errors import ConfigError, MissingFileError
+from mapsage_ds.evaluation.predictor import Ensemble, Predictor
+from mapsage_ds.evaluation.protocol import EvalProtocol
+from mapsage_ds.models import load_exported
+from mapsage_ds.models.factory import BuiltModel
+from mapsage_ds.tasks import SegmentationTask
+
+__all__ = ["build_predictor", "build_refiner", "load_checkpoint_model", "parse_ensemble"]
+
+
+def parse_ensemble(spec: str) -> list[tuple[str, float]]:
+    """``"a:0.6,b:0.4"`` -> ``[("a", 0.6), ("b", 0.4)]``; a member without ``:w`` weighs 1.
+
+    Raises:
+        ConfigError: On an empty spec, a non-numeric or non-positive weight.
+    """
+    members = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        path, sep, weight = part.rpartition(":")
+        if not sep:
+            path, weight = part, "1"
+        try:
+            value = float(weight)
+        except ValueError as error:
+            raise ConfigError(f"--ensemble member {part!r}: weight {weight!r} is not a number") from error
+        if not value > 0:
+            raise ConfigError(f"--ensemble member {part!r}: weight must be > 0")
+        members.append((path, value))
+    if not members:
+        raise ConfigError(f"--ensemble {spec!r}: expected DIR:W[,DIR:W...]")
+    return members
+
+
+def load_checkpoint_model(checkpoint_dir: str | Path, *, built: BuiltModel, tag: str | None = None) -> nn.Module:
+    """The network ``built`` with the weights of a DeepSpeed checkpoint, consolidated to fp32 from any ZeRO stage.
+
+    ``built`` is the run's network rebuilt from its config (the builders do this); every tensor
+    is then loaded from the checkpoint, strictly.
+
+    Raises:
+        MissingFileError: If the directory or its ``latest`` tag is missing.
+        ConfigError: If the checkpoint's tensors do not fit the network.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise MissingFileError(f"--checkpoint {checkpoint_dir}: not a directory")
+    if tag is None and not (checkpoint_dir / "latest").is_file():
+        raise MissingFileError(f"--checkpoint {checkpoint_dir}: no 'latest' file; pass --tag")
+    if tag is not None and not (checkpoint_dir / tag).is_dir():
+        raise MissingFileError(f"--checkpoint {checkpoint_dir}: no tag directory {tag}")
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+    # The engine wraps SegmentationTask: the network lives under "model.", training-only parts
+    # (an auxiliary boundary head) beside it.
+    state = {key.removeprefix("model."): value for key, value in state.items() if key.startswith("model.")}
+    missing, unexpected = built.module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"--checkpoint {checkpoint_dir} does not fit the network of the run's config: "
+                          f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    return built.module
+
+
+def _predictor(model: nn.Module, normalize: Normalize, protocol: EvalProtocol,
+               device: torch.device) -> Predictor:
+    task = SegmentationTask(model.to(device), ignore_index=IGNORE_INDEX).eval()
+    return Predictor(task.predict, normalize=normalize, protocol=protocol, module=task)
+
+
+def build_predictor(*, model: str | None = None, checkpoint: str | None = None,
+                    checkpoint_network: BuiltModel | None = None, tag: str | None = None,
+                    ensemble: str | None = None, device: torch.device,
+                    protocol: EvalProtocol) -> tuple[Predictor | Ensemble, dict[str, Any]]:
+    """The predictor of one model source, and a description of it for reports.
+
+    The source is an export (``model``), a DeepSpeed checkpoint (``checkpoint``, an optional ``tag``,
+    and ``checkpoint_network``: the run's network rebuilt from its config) or an ``ensemble`` spec
+    (``"DIR:W,DIR:W"``).
+    """
+    if model is not None:
+        network, normalize = load_exported(model)
+        return _predictor(network, normalize, protocol, device), {"name": str(model), "models": [
+            {"source": "export", "path": str(model), "weight": 1.0}]}
+    if checkpoint is not None:
+        network = load_checkpoint_model(checkpoint, built=checkpoint_network, tag=tag)
+        return _predictor(network, checkpoint_network.normalize, protocol, device), {
+            "name": str(checkpoint), "models": [{"source": "deepspeed_checkpoint", "path": str(checkpoint),
+                                                 "tag": tag, "weight": 1.0}]}
+    members, described = [], []
+    for path, weight in parse_ensemble(ensemble):
+        network, normalize = load_exported(path)
+        members.append((_predictor(network, normalize, protocol, device), weight))
+        described.append({"source": "export", "path": path, "weight": weight})
+    return Ensemble(members), {"name": f"ensemble({ensemble})", "models": described,
+                               "ensemble": "weighted mean of softmax probabilities"}
+
+
+def build_refiner(*, sam_model: str, device: torch.device, score_threshold: float, confidence: float,
+                  min_region_area: int, max_regions: int):
+    """The SAM refiner of ``sam_model`` and its description for reports."""
+    from mapsage_ds.evaluation.refine import SamRefiner
+
+    settings = dict(score_threshold=score_threshold, confidence=confidence, min_region_area=min_region_area,
+                    max_regions=max_regions)
+    refiner = SamRefiner.from_pretrained(sam_model, device=device, **settings)
+    return refiner, {"method": "sam", "model": str(sam_model), **settings}

@@ -1,0 +1,1 @@
+"""Conversion of checkpoints written by other code (NVlabs, mmsegmentation, Meta) into HF layout."""

@@ -1,0 +1,1 @@
+"""Memory planning: ZeRO model states, activation memory, the plan, the dry run."""

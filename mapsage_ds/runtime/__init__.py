@@ -1,0 +1,1 @@
+"""DeepSpeed and device glue: accelerator choice, the GCU shim, the engine life cycle, checkpoints."""

@@ -1,0 +1,1 @@
+"""Experiment tracks: the tracks file, launch commands, the runner, the leaderboard."""

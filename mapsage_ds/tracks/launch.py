@@ -1,0 +1,117 @@
+"""Command lines of a track's training and evaluation: launcher, card group, port, overrides."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from mapsage_ds.errors import ConfigError
+from mapsage_ds.evaluation.protocol import EvalProtocol
+from mapsage_ds.runtime.accelerator import visible_devices_env
+from mapsage_ds.tracks.spec import LAUNCHERS, TrackEvaluation, TracksConfig, TrackSpec
+
+
+@dataclass(frozen=True)
+class Launch:
+    """A command line and the environment changes it runs with."""
+
+    command: list[str]
+    env: dict[str, str]
+
+
+def launcher_selects_by_include(accelerator: str) -> bool:
+    """Whether the ``deepspeed`` launcher itself manages this device type's visible-devices variable.
+
+    It then ignores (and deletes) the variable when ``--num_gpus`` is given, so card groups must be
+    passed as ``--include localhost:ids``. For device types it does not know (GCU) it manages
+    another variable, and the group is selected with our variable plus ``--num_gpus``
+    (docs/accelerators.md).
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    env = visible_devices_env(accelerator)
+    return env is not None and env == get_accelerator().visible_devices_envs()[0]
+
+
+def launch_command(command: str, args: list[str], *, nproc: int, cards: list[int] | None, accelerator: str,
+                   launcher: str, master_port: int, python: str = sys.executable) -> Launch:
+    """The command line that runs the module ``mapsage_ds.cli.{command}`` on ``nproc`` processes bound to ``cards``.
+
+    The installed module is launched (``-m`` / ``--module``), not a file of the source tree, so
+    tracks run from any working directory and from a wheel.
+
+    Raises:
+        ConfigError: if cards are given for a device type without cards (CPU).
+    """
+    env = {"MAPSAGE_ACCELERATOR": accelerator}
+    variable = visible_devices_env(accelerator)
+    if cards and variable is None:
+        raise ConfigError(f"cards {cards} given, but the accelerator is {accelerator}, which has no cards: "
+                          "give 'processes: N' instead")
+    card_list = ",".join(str(c) for c in cards or [])
+    module = f"mapsage_ds.cli.{command}"
+    if launcher == "torchrun":
+        if cards:
+            env[variable] = card_list
+        command = [python, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
+                   "--master_addr=127.0.0.1", f"--master_port={master_port}", "-m", module, *args]
+    elif launcher == "deepspeed":
+        deepspeed = str(Path(python).with_name("deepspeed"))
+        if cards and launcher_selects_by_include(accelerator):
+            selection = [f"--include=localhost:{card_list}"]
+        else:
+            if cards:
+                env[variable] = card_list
+            selection = [f"--num_gpus={nproc}"]
+        command = [deepspeed, *selection, f"--master_port={master_port}", "--module", module, *args]
+    else:
+        raise ConfigError(f"launcher={launcher!r}: expected one of {', '.join(LAUNCHERS)}")
+    return Launch(command, env)
+
+
+def evaluation_overrides(evaluation: TrackEvaluation) -> list[str]:
+    """``--set eval.*`` overrides that give a track's validation the leaderboard's settings."""
+    fields = {f: getattr(evaluation, f) for f in EvalProtocol.__dataclass_fields__}
+    return [f"eval.{key}={json.dumps(value)}" for key, value in fields.items()]
+
+
+def train_args(track: TrackSpec, config: TracksConfig, run_dir: Path) -> list[str]:
+    """Arguments of ``mapsage-finetune`` for ``track``."""
+    args = []
+    if track.recipe is not None:
+        args += ["--recipe", track.recipe]
+    if track.config is not None:
+        args += ["--config", track.config]
+    overrides = list(track.overrides)
+    if config.evaluation.apply_to_validation:
+        overrides = evaluation_overrides(config.evaluation) + overrides
+    for override in overrides:
+        args += ["--set", override]
+    data_root = track.data_root or config.data_root
+    if data_root is not None:
+        args += ["--data-root", data_root]
+    return args + ["--output-dir", str(run_dir)]
+
+
+def eval_args(evaluation: TrackEvaluation, *, weights_dir: Path, data_root: str, report_dir: Path) -> list[str]:
+    """Arguments of ``mapsage-evaluate``: the one protocol of every track, as ``--set eval.*`` overrides."""
+    args = ["--model", str(weights_dir), "--data-root", data_root, "--split", evaluation.split,
+            "--scenes", evaluation.scenes, "--num-panels", str(evaluation.num_panels), "--output-dir", str(report_dir)]
+    for override in evaluation_overrides(evaluation):
+        args += ["--set", override]
+    return args
+
+
+def overrides_of(args: list[str]) -> list[str]:
+    """The ``--set`` / ``--data-root`` / ``--output-dir`` of a command line built here, as overrides."""
+    overrides = []
+    for flag, value in zip(args, args[1:]):
+        if flag == "--set":
+            overrides.append(value)
+        elif flag == "--data-root":
+            overrides.append(f"data.root={json.dumps(value)}")
+        elif flag == "--output-dir":
+            overrides.append(f"output_dir={json.dumps(value)}")
+    return overrides

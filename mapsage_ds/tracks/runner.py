@@ -1,0 +1,295 @@
+"""Several experiment tracks at once on disjoint card groups, scored alike into one leaderboard.
+
+A tracks file (YAML) lists the tracks (a recipe, a config file and ``--set`` overrides each, a
+card group or a process count) and one ``evaluation`` section. Every track trains in its own
+process group: its own cards (through the runtime's visible-devices variable), its own master
+port, its own output directory and log. When a track's training ends, ``mapsage-evaluate``
+scores its weights on the same cards with the ``evaluation`` settings, the same for every track
+(they are also given to each track's validation during training, so check 6 holds). A track that
+fails (bad config, crashed training, missing weights, failed evaluation) is reported in the
+leaderboard; the other tracks carry on.
+
+Layout under ``output_dir``::
+
+    <track>/run/         the training run (config.yaml, checkpoints/, export/, best/, metrics.jsonl)
+    <track>/train.log    stdout and stderr of the training processes
+    <track>/eval/        the evaluation report (metrics.json, metrics.md, plots)
+    <track>/eval.log     stdout and stderr of the evaluation
+    <track>/status.json  what ran, where, how long, and how it ended
+    leaderboard.md, leaderboard.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from mapsage_ds.config import load_config, read_yaml
+from mapsage_ds.data.synthetic import ensure_synthetic_tree
+from mapsage_ds.errors import MapSageError
+from mapsage_ds.evaluation.metrics import class_names_or_default
+from mapsage_ds.evaluation.report import read_report
+from mapsage_ds.files import write_json
+from mapsage_ds.runtime.network import free_port
+from mapsage_ds.tracks.launch import Launch, eval_args, launch_command, overrides_of, train_args
+from mapsage_ds.tracks.leaderboard import leaderboard_text
+from mapsage_ds.tracks.spec import TracksConfig, TrackSpec
+
+_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
+             "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+_LOG_TAIL = 2000
+
+
+@dataclass
+class TrackStatus:
+    """How a track went; written to ``<track>/status.json`` and into the leaderboard."""
+
+    name: str
+    status: str = "pending"  # pending | training | evaluating | ok | failed
+    failed_phase: str | None = None  # config | train | eval
+    error: str | None = None
+    cards: list[int] | None = None
+    processes: int = 1
+    master_port: int | None = None
+    data_root: str | None = None
+    train_command: list[str] | None = None
+    eval_command: list[str] | None = None
+    train_wall_s: float | None = None
+    eval_wall_s: float | None = None
+    started: float | None = None
+    finished: float | None = None
+
+
+class _Job:
+    """A running phase of a track: its process group, log file and start time."""
+
+    def __init__(self, launch: Launch, log: Path) -> None:
+        env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+        env.update(launch.env)
+        self.log = log
+        self.handle = log.open("w")
+        self.handle.write("$ " + " ".join(launch.command) + "\n")
+        self.handle.flush()
+        self.started = time.time()
+        # A session of its own: the whole process tree can be stopped by this id.
+        self.process = subprocess.Popen(launch.command, env=env, stdout=self.handle, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+
+    def poll(self) -> int | None:
+        code = self.process.poll()
+        if code is not None:
+            self.handle.close()
+        return code
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+        self.handle.close()
+
+
+class TrackRunner:
+    """Runs the tracks of a :class:`TracksConfig` concurrently and writes the leaderboard.
+
+    Args:
+        config: The tracks file.
+        accelerator: Device type of every track (``gcu``, ``cuda``, ``cpu``).
+        python: Interpreter the scripts run with.
+        poll_seconds: How often finished processes are looked for.
+    """
+
+    def __init__(self, config: TracksConfig, *, accelerator: str, python: str = sys.executable,
+                 poll_seconds: float = 1.0) -> None:
+        self.config, self.accelerator, self.python, self.poll_seconds = config, accelerator, python, poll_seconds
+        self.root = Path(config.output_dir)
+        self.statuses = {t.name: TrackStatus(t.name, cards=t.cards, processes=t.nproc) for t in config.tracks}
+        self._ports: set[int] = {t.master_port for t in config.tracks if t.master_port is not None}
+
+    def track_dir(self, track: TrackSpec) -> Path:
+        """Everything of ``track`` lives here."""
+        return self.root / track.name
+
+    def run(self, *, leaderboard_only: bool = False) -> dict[str, Any]:
+        """Train (unless ``leaderboard_only``) and evaluate every track, then write the leaderboard."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        jobs: dict[str, tuple[str, _Job]] = {}
+        try:
+            for track in self.config.tracks:
+                self.track_dir(track).mkdir(parents=True, exist_ok=True)
+                if leaderboard_only:
+                    self._restore_timings(track)
+                    self._start_eval(track, jobs)
+                else:
+                    self._start_train(track, jobs)
+            while jobs:
+                time.sleep(self.poll_seconds)
+                for name, (phase, job) in list(jobs.items()):
+                    code = job.poll()
+                    if code is not None:
+                        del jobs[name]
+                        self._finished(self._spec(name), phase, job, code, jobs)
+        except BaseException:
+            for _, job in jobs.values():
+                job.stop()
+            raise
+        return self.write_leaderboard()
+
+    # -- phases --------------------------------------------------------------------------------
+
+    def _spec(self, name: str) -> TrackSpec:
+        return next(t for t in self.config.tracks if t.name == name)
+
+    def _port(self, track: TrackSpec) -> int:
+        if track.master_port is not None:
+            return track.master_port
+        while True:
+            port = free_port()
+            if port not in self._ports:
+                self._ports.add(port)
+                return port
+
+    def _start_train(self, track: TrackSpec, jobs: dict) -> None:
+        status = self.statuses[track.name]
+        status.started = time.time()
+        directory = self.track_dir(track)
+        args = train_args(track, self.config, directory / "run")
+        try:
+            resolved = load_config(recipe=track.recipe, config_file=track.config,
+                                   overrides=overrides_of(args))
+            status.data_root = str(self.config.evaluation.data_root or resolved.data.root)
+            if resolved.data.synthetic is not None:
+                # Generated once here: tracks sharing the root would race to write it.
+                ensure_synthetic_tree(resolved.data.root, resolved.data.synthetic)
+            port = self._port(track)
+            launch = launch_command("finetune", [*args, "--accelerator", self.accelerator], nproc=track.nproc,
+                                    cards=track.cards, accelerator=self.accelerator, launcher=self.config.launcher,
+                                    master_port=port, python=self.python)
+        except MapSageError as error:
+            self._fail(track, "config", str(error))
+            return
+        status.master_port, status.train_command = port, launch.command
+        status.status = "training"
+        self._save(track)
+        jobs[track.name] = ("train", _Job(launch, directory / "train.log"))
+
+    def _start_eval(self, track: TrackSpec, jobs: dict) -> None:
+        status = self.statuses[track.name]
+        directory = self.track_dir(track)
+        weights = directory / "run" / self.config.evaluation.weights
+        if not (weights / "model.safetensors").is_file():
+            self._fail(track, "eval", f"no trained weights at {weights} (model.safetensors missing)")
+            return
+        data_root = status.data_root or self._data_root_from_run(track)
+        if data_root is None:
+            self._fail(track, "eval", "no data root: set evaluation.data_root in the tracks file")
+            return
+        status.data_root = data_root
+        args = eval_args(self.config.evaluation, weights_dir=weights, data_root=data_root,
+                         report_dir=directory / "eval")
+        try:
+            launch = launch_command("evaluate", [*args, "--accelerator", self.accelerator], nproc=track.nproc,
+                                    cards=track.cards, accelerator=self.accelerator, launcher=self.config.launcher,
+                                    master_port=self._port(track), python=self.python)
+        except MapSageError as error:
+            self._fail(track, "eval", str(error))
+            return
+        status.eval_command = launch.command
+        status.status = "evaluating"
+        self._save(track)
+        jobs[track.name] = ("eval", _Job(launch, directory / "eval.log"))
+
+    def _finished(self, track: TrackSpec, phase: str, job: _Job, code: int, jobs: dict) -> None:
+        status = self.statuses[track.name]
+        seconds = time.time() - job.started
+        if phase == "train":
+            status.train_wall_s = seconds
+        else:
+            status.eval_wall_s = seconds
+        if code != 0:
+            self._fail(track, phase,
+                       f"exit status {code}: {_cause(job.log)}\nlast lines of {job.log}:\n{_tail(job.log)}")
+            return
+        if phase == "train":
+            self._start_eval(track, jobs)
+            return
+        status.status, status.finished = "ok", time.time()
+        self._save(track)
+
+    def _fail(self, track: TrackSpec, phase: str, error: str) -> None:
+        status = self.statuses[track.name]
+        status.status, status.failed_phase, status.error, status.finished = "failed", phase, error, time.time()
+        self._save(track)
+
+    def _save(self, track: TrackSpec) -> None:
+        path = self.track_dir(track) / "status.json"
+        path.write_text(json.dumps(asdict(self.statuses[track.name]), indent=2) + "\n")
+
+    def _restore_timings(self, track: TrackSpec) -> None:
+        """Keep the training facts of an earlier run when only the leaderboard is rebuilt."""
+        path = self.track_dir(track) / "status.json"
+        if path.is_file():
+            previous = json.loads(path.read_text())
+            status = self.statuses[track.name]
+            status.train_wall_s, status.train_command = previous.get("train_wall_s"), previous.get("train_command")
+            status.master_port = previous.get("master_port")
+
+    def _data_root_from_run(self, track: TrackSpec) -> str | None:
+        if self.config.evaluation.data_root:
+            return self.config.evaluation.data_root
+        resolved = self.track_dir(track) / "run" / "config.yaml"
+        return read_yaml(resolved).get("data", {}).get("root") if resolved.is_file() else None
+
+    # -- leaderboard ---------------------------------------------------------------------------
+
+    def write_leaderboard(self) -> dict[str, Any]:
+        """Write ``leaderboard.md`` and ``leaderboard.json``; returns the JSON content."""
+        rows = []
+        for track in self.config.tracks:
+            status = self.statuses[track.name]
+            row: dict[str, Any] = {"name": track.name, "status": status.status, "failed_phase": status.failed_phase,
+                                   "error": status.error, "cards": track.cards, "processes": track.nproc,
+                                   "master_port": status.master_port, "train_wall_s": status.train_wall_s,
+                                   "eval_wall_s": status.eval_wall_s, "data_root": status.data_root,
+                                   "output_dir": str(self.track_dir(track))}
+            if status.status == "ok":
+                report = read_report(self.track_dir(track) / "eval")
+                names = class_names_or_default(report.get("class_names"), len(report["iou"]))
+                row.update(miou=report["miou"], iou=dict(zip(names, report["iou"])),
+                           mean_boundary_iou=report.get("mean_boundary_iou"),
+                           overall_accuracy=report.get("overall_accuracy"),
+                           report=str(self.track_dir(track) / "eval"), model=report.get("name"))
+            rows.append(row)
+        rows.sort(key=lambda r: (r["status"] != "ok", -(r.get("miou") or 0.0)))
+        evaluation = asdict(self.config.evaluation)
+        data = {"evaluation": evaluation, "accelerator": self.accelerator, "launcher": self.config.launcher,
+                "tracks": rows}
+        write_json(self.root / "leaderboard.json", data)
+        (self.root / "leaderboard.md").write_text(leaderboard_text(rows, evaluation,
+                                                                   [Path(r["report"]) for r in rows if "report" in r]))
+        return data
+
+
+_EXCEPTION_LINE = re.compile(r"^(?:\[rank\d+\]:\s*)?((?:[\w.]+\.)?\w*(?:Error|Exception)\b.*)$")
+
+
+def _cause(path: Path) -> str:
+    """The last exception line a process printed (the launcher's own wrapper error left aside)."""
+    lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
+    causes = [m.group(1) for m in map(_EXCEPTION_LINE.match, lines) if m and "ChildFailedError" not in m.group(1)]
+    return causes[-1] if causes else "see the log"
+
+
+def _tail(path: Path) -> str:
+    text = path.read_text(errors="replace") if path.is_file() else ""
+    return text[-_LOG_TAIL:]

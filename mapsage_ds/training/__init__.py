@@ -1,0 +1,1 @@
+"""Training: the run composed top to bottom, the loop, the run log."""

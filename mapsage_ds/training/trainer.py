@@ -1,0 +1,144 @@
+"""The training loop: optimizer steps, periodic evaluation, checkpoints and resume."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from mapsage_ds.data.loaders import TrainStream
+from mapsage_ds.errors import MapSageError
+from mapsage_ds.evaluation.metrics import SegmentationMetrics
+from mapsage_ds.optim.schedule import LRSchedule
+from mapsage_ds.optim.unfreeze import UnfreezePlan
+from mapsage_ds.runtime import checkpoint
+from mapsage_ds.runtime.accelerator import DistributedContext, synchronize
+from mapsage_ds.training.run_log import RunLogger
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint must carry besides the engine to continue exactly."""
+
+    step: int = 0
+    best_miou: float = -math.inf
+    best_step: int | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Trainer:
+    """Runs ``max_steps`` optimizer steps of ``engine`` on ``stream``.
+
+    ``evaluate`` returns validation metrics; ``on_new_best`` is called (on every rank, it may
+    gather) when the validation mIoU improves. ``client_config`` goes into every checkpoint.
+    """
+
+    engine: deepspeed.DeepSpeedEngine
+    schedule: LRSchedule
+    stream: TrainStream
+    evaluate: Callable[[], SegmentationMetrics]
+    on_new_best: Callable[[int, SegmentationMetrics], None]
+    ctx: DistributedContext
+    checkpoint_dir: Path
+    logger: RunLogger
+    max_steps: int
+    grad_accum_steps: int
+    eval_every: int
+    save_every: int
+    log_every: int
+    keep_checkpoints: int
+    client_config: dict[str, Any]
+    unfreeze_plan: UnfreezePlan = field(default_factory=UnfreezePlan)
+    rebuild_engine: Callable[[int, deepspeed.DeepSpeedEngine], deepspeed.DeepSpeedEngine] | None = None
+    state: TrainState = field(default_factory=TrainState)
+
+    def resume(self) -> None:
+        """Load the newest checkpoint: engine, RNG, step, data position and best score."""
+        client = checkpoint.load_checkpoint(self.engine, self.checkpoint_dir, ctx=self.ctx)
+        self.state = TrainState(**client["train_state"])
+        self.stream.load_state_dict(client["data_position"])
+        self.logger.message(f"resumed from step {self.state.step} ({self.checkpoint_dir})")
+
+    def fit(self) -> TrainState:
+        """Train until ``max_steps``; returns the final state."""
+        state = self.state
+        self.engine.train()
+        images_per_step = self.stream.sampler.batch_size * self.grad_accum_steps * self.ctx.world_size
+        while state.step < self.max_steps:
+            if self.unfreeze_plan.is_boundary(state.step):
+                self.engine = self.rebuild_engine(state.step, self.engine)
+                self.engine.train()
+                self.logger.message(f"step {state.step}: unfreezing phase {self.unfreeze_plan.phase(state.step)}")
+            engine = self.engine
+            started = time.perf_counter()
+            lr = self.schedule.apply(engine.optimizer, state.step)
+            # "loss" and every named part the task returns ("loss_ce", "loss_dice", ...).
+            loss_sums: dict[str, torch.Tensor] = {}
+            for _ in range(self.grad_accum_steps):
+                batch = _to_device(next(self.stream), self.ctx.device)
+                outputs = engine(batch)
+                engine.backward(outputs["loss"])
+                engine.step()
+                for key in (k for k in outputs if k == "loss" or k.startswith("loss_")):
+                    loss_sums[key] = loss_sums.get(key, 0.0) + outputs[key].detach().float()
+            state.step += 1
+            if state.step % self.log_every == 0 or state.step == self.max_steps:
+                self._log_train(loss_sums, lr, images_per_step, started)
+            if state.step % self.eval_every == 0 or state.step == self.max_steps:
+                self._validate()
+            if state.step % self.save_every == 0 or state.step == self.max_steps:
+                self.save()
+        return state
+
+    def _log_train(self, loss_sums: dict[str, torch.Tensor], lr: float, images_per_step: int,
+                   started: float) -> None:
+        # One all-reduce for all parts; every rank's task returns the same keys (same config).
+        names = sorted(loss_sums)
+        totals = torch.stack([torch.as_tensor(loss_sums[k], device=self.ctx.device) for k in names])
+        dist.all_reduce(totals)
+        losses = dict(zip(names, (totals / (self.ctx.world_size * self.grad_accum_steps)).tolist()))
+        loss_value = losses["loss"]
+        if not math.isfinite(loss_value):
+            raise MapSageError(f"training loss is {loss_value} at step {self.state.step}")
+        synchronize(self.ctx.device)
+        images_per_second = images_per_step / (time.perf_counter() - started)
+        values = {**losses, "lr": lr, "images_per_s": images_per_second}
+        self.logger.log(self.state.step, "train", values)
+        self.logger.advance(self.state.step, {"loss": loss_value, "lr": lr})
+
+    def _validate(self) -> None:
+        metrics = self.evaluate()
+        self.engine.train()
+        record = {"miou": metrics.miou, "overall_accuracy": metrics.overall_accuracy,
+                  "mean_f1": metrics.mean_f1, "iou": metrics.iou}
+        self.state.history.append({"step": self.state.step, **record})
+        self.logger.log(self.state.step, "val", record)
+        self.logger.message(f"step {self.state.step}: val mIoU {metrics.miou:.4f}")
+        if metrics.miou > self.state.best_miou:
+            self.state.best_miou, self.state.best_step = metrics.miou, self.state.step
+            self.on_new_best(self.state.step, metrics)
+
+    def save(self) -> None:
+        """Checkpoint now (all ranks)."""
+        protect = {checkpoint.step_tag(self.state.best_step)} if self.state.best_step else set()
+        client_state = {
+            "train_state": vars(self.state).copy(),
+            "data_position": self.stream.state_dict(),
+            "config": self.client_config,
+        }
+        checkpoint.save_checkpoint(
+            self.engine, self.checkpoint_dir, step=self.state.step, client_state=client_state,
+            ctx=self.ctx, keep=self.keep_checkpoints, protect=protect,
+        )
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
