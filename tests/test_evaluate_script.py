@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from tiny_sam import save_tiny_sam
 
@@ -80,7 +81,7 @@ def test_slide_tta_evaluation_is_identical_on_one_and_two_processes(tmp_path, un
     assert two["world_size"] == 2 and len(set(two["forwards_per_rank"])) == 1
     assert two["protocol"] == {"mode": "slide", "tile": 48, "stride": 32, "tta_scales": [0.75, 1.0], "tta_flip": ["h"],
                                "window_batch_size": 3, "batch_size": 1, "max_images": None, "boundary_width": None,
-                               "boundary_dilation_ratio": 0.02}
+                               "boundary_dilation_ratio": 0.02, "ensemble": [], "refine": None}
     for name in ("metrics.md", "confusion_matrix.png", "iou_per_class.png"):
         assert (tmp_path / "two" / name).is_file()
     assert len(list((tmp_path / "two" / "panels").glob("*.png"))) == 3
@@ -117,6 +118,14 @@ def test_ensemble_of_one_model_with_itself_is_that_model(tmp_path, tiny_tree, ex
     board = run_main("leaderboard.py", [str(tmp_path / "s"), str(tmp_path / "e"), "--output",
                                         str(tmp_path / "board.md")], monkeypatch)
     assert board == (tmp_path / "board.md").read_text() and "ensemble(" in board
+    # --ensemble is a shorthand for the eval section: the same ensemble from a config file scores the same.
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump({"eval": {"ensemble": [
+        {"path": str(export_dir), "weight": 0.7}, {"path": str(export_dir), "weight": 0.3}]}}))
+    from_config = run_main("evaluate.py", ["--config", str(tmp_path / "eval.yaml"), *data,
+                                           "--output-dir", str(tmp_path / "c")], monkeypatch)
+    assert from_config.confusion == ensemble.confusion
+    assert json.loads((tmp_path / "c" / "metrics.json").read_text())["protocol"]["ensemble"] == [
+        {"path": str(export_dir), "weight": 0.7}, {"path": str(export_dir), "weight": 0.3}]
 
 
 def test_sam_refinement_reports_before_and_after(tmp_path, tiny_tree, export_dir, monkeypatch):
@@ -169,6 +178,9 @@ def test_predict_writes_benchmark_pngs_colours_and_overlays(tmp_path, tiny_tree,
     (["--model", "x", "--refine", "sam"], "needs --sam-model"),
     (["--model", "x", "--tile", "32", "--stride", "64", "--mode", "slide"], "stride"),
     (["--ensemble", "a:0"], "weight must be > 0"),
+    ([], "exactly one model source"),
+    (["--model", "x", "--set", "eval.ensemble=[{path: a, weight: 1}]"], "exactly one model source"),
+    (["--model", "x", "--set", "eval.refine={model: sam.pth, confidence: 0.2}"], "eval.refine"),
 ])
 def test_bad_arguments_fail_before_any_work(argv, message, monkeypatch):
     with pytest.raises(ConfigError, match=message):

@@ -22,18 +22,15 @@ from mapsage_ds.models.dinov3 import DINOv3Segmenter, dinov3_layer_id
 from mapsage_ds.models.factory import build_model
 from mapsage_ds.optim.unfreeze import frozen_layer_count, set_frozen
 from mapsage_ds.planning.activation_memory import estimate_activations, geometry_of
-from mapsage_ds.planning.plan import (
+from mapsage_ds.planning.model_states import (
     ADAM_MOMENT_BYTES,
     GIB,
     MASTER_BYTES,
-    Option,
     ZeroSettings,
-    all_options,
     count_parameters,
-    format_plan,
-    parse_size,
     zero_bytes,
 )
+from mapsage_ds.planning.plan import Option, all_options, format_plan, parse_size
 from mapsage_ds.tasks.segmentation import SegmentationTask
 
 TOLERANCE = 0.25  # the acceptance bound; the estimates are in fact within 6% (docs/planner.md)

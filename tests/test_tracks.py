@@ -121,7 +121,7 @@ def test_two_tracks_run_concurrently_are_scored_alike_and_survive_a_failing_trac
         assert row["miou"] == report["miou"] and list(row["iou"].values()) == report["iou"]
         assert report["protocol"] == {"mode": "slide", "tile": 96, "stride": 64, "tta_scales": [1.0], "tta_flip": [],
                                       "window_batch_size": 8, "batch_size": 1, "max_images": 4, "boundary_width": 3,
-                                      "boundary_dilation_ratio": 0.02}
+                                      "boundary_dilation_ratio": 0.02, "ensemble": [], "refine": None}
         assert report["boundary"]["width"] == 3 and report["num_images"] == 4
         resolved = yaml.safe_load((out / name / "run" / "config.yaml").read_text())
         assert resolved["eval"]["mode"] == "slide" and resolved["eval"]["tile"] == 96

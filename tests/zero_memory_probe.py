@@ -22,7 +22,7 @@ from mapsage_ds.data.classes import LOVEDA_CLASSES
 from mapsage_ds.models.factory import build_model
 from mapsage_ds.optim.param_groups import build_param_groups, layer_decay_scale
 from mapsage_ds.optim.unfreeze import set_frozen
-from mapsage_ds.planning.plan import count_parameters
+from mapsage_ds.planning.model_states import count_parameters
 from mapsage_ds.runtime.accelerator import setup_distributed
 from mapsage_ds.runtime.engine import build_optimizer, compute_dtype, fill_ds_config, initialize_engine, read_ds_config
 from mapsage_ds.tasks.segmentation import SegmentationTask

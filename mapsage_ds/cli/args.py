@@ -42,8 +42,11 @@ def config_from_args(args: argparse.Namespace, *, default_recipe: str | None,
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--model`` | ``--checkpoint`` (+ ``--tag``; the run's config.yaml via ``--config``) | ``--ensemble``."""
-    source = parser.add_mutually_exclusive_group(required=True)
+    """``--model`` | ``--checkpoint`` (+ ``--tag``; the run's config.yaml via ``--config``) | ``--ensemble``.
+
+    ``--ensemble`` is a shorthand for ``--set eval.ensemble=[...]``; exactly one source is needed.
+    """
+    source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", help="export directory written by finetune.py (export/ or best/)")
     source.add_argument("--checkpoint", help="DeepSpeed checkpoint directory of a run (runs/x/checkpoints); "
                                              "needs --config RUN/config.yaml")
@@ -76,8 +79,22 @@ def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def protocol_overrides(args: argparse.Namespace) -> list[str]:
-    """The ``eval.*`` overrides the protocol shorthands given on the command line stand for."""
+    """The ``eval.*`` overrides the protocol shorthands given on the command line stand for.
+
+    Besides the scalar keys: ``--ensemble DIR:W,...`` is ``eval.ensemble`` and ``--refine sam
+    --sam-model PATH --sam-...`` is ``eval.refine``.
+    """
     overrides = []
+    if getattr(args, "ensemble", None) is not None:
+        members = [{"path": path, "weight": weight} for path, weight in parse_ensemble(args.ensemble)]
+        overrides.append(f"eval.ensemble={json.dumps(members)}")
+    if getattr(args, "refine", None) == "sam":
+        refine = {"method": "sam", "model": args.sam_model, "score_threshold": args.sam_score_threshold,
+                  "confidence": args.sam_confidence, "min_area": args.sam_min_area,
+                  "max_regions": args.sam_max_regions}
+        overrides.append(f"eval.refine={json.dumps(refine)}")
+    elif getattr(args, "refine", None) == "none":
+        overrides.append("eval.refine=null")
     for flag, key in _PROTOCOL_SHORTHANDS.items():
         value = getattr(args, flag, None)
         if value is None:
@@ -92,7 +109,8 @@ def protocol_overrides(args: argparse.Namespace) -> list[str]:
 
 def add_refine_arguments(parser: argparse.ArgumentParser) -> None:
     """``--refine sam --sam-model DIR`` and the replacement thresholds."""
-    parser.add_argument("--refine", default="none", choices=["none", "sam"], help="boundary refinement (off)")
+    parser.add_argument("--refine", default=None, choices=["none", "sam"],
+                        help="boundary refinement, shorthand for eval.refine (default: the config's, off)")
     parser.add_argument("--sam-model", default=None,
                         help="local SAM: a transformers directory (e.g. sam-vit-base) or Meta's sam_vit_{b,l,h}_*.pth")
     parser.add_argument("--sam-score-threshold", type=float, default=0.8, help="minimum SAM predicted IoU")
@@ -108,17 +126,18 @@ def _float_list(text: str, flag: str) -> tuple[float, ...]:
         raise ConfigError(f"{flag} {text!r}: expected comma-separated numbers") from error
 
 
-def check_source_arguments(args: argparse.Namespace) -> None:
+def check_source_arguments(args: argparse.Namespace, protocol: EvalProtocol) -> None:
     """Fail before any process group exists on inconsistent model/refinement arguments."""
+    sources = [name for name, given in (("--model", args.model), ("--checkpoint", args.checkpoint),
+                                        ("--ensemble / eval.ensemble", protocol.ensemble)) if given]
+    if len(sources) != 1:
+        raise ConfigError(f"expected exactly one model source, got {', '.join(sources) or 'none'}: pass --model DIR, "
+                          "--checkpoint DIR (with --config RUN/config.yaml) or --ensemble DIR:W,DIR:W")
     if args.checkpoint is not None and args.config is None:
         raise ConfigError("--checkpoint needs --config: the run's config.yaml (it names the architecture)")
     if args.checkpoint is None and args.tag is not None:
         raise ConfigError("--tag only applies with --checkpoint")
-    if args.ensemble is not None:
-        parse_ensemble(args.ensemble)
-    if args.refine == "sam" and args.sam_model is None:
-        raise ConfigError("--refine sam needs --sam-model DIR (a local SAM checkpoint)")
-    if args.refine != "sam" and args.sam_model is not None:
+    if args.sam_model is not None and args.refine != "sam":
         raise ConfigError("--sam-model given without --refine sam")
 
 
@@ -134,13 +153,11 @@ def build_predictor_from_args(args: argparse.Namespace, config: Config, *, devic
 
         network = build_run_model(config, list(LOVEDA_CLASSES))
     return build_predictor(model=args.model, checkpoint=args.checkpoint, checkpoint_network=network, tag=args.tag,
-                           ensemble=args.ensemble, device=device, protocol=protocol)
+                           ensemble=protocol.ensemble, device=device, protocol=protocol)
 
 
-def build_refiner_from_args(args: argparse.Namespace, *, device):
-    """The SAM refiner when ``--refine sam``, else ``(None, None)``."""
-    if args.refine != "sam":
+def build_refiner_from_args(protocol: EvalProtocol, *, device):
+    """The SAM refiner of ``eval.refine``, or ``(None, None)`` when refinement is off."""
+    if protocol.refine is None:
         return None, None
-    return build_refiner(sam_model=args.sam_model, device=device, score_threshold=args.sam_score_threshold,
-                         confidence=args.sam_confidence, min_region_area=args.sam_min_area,
-                         max_regions=args.sam_max_regions)
+    return build_refiner(protocol.refine, device=device)

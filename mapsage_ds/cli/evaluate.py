@@ -52,7 +52,7 @@ def _report_dir(args: argparse.Namespace) -> Path:
         return Path(args.model) / f"eval_{args.split}"
     if args.checkpoint is not None:
         return Path(args.checkpoint).resolve().parent / f"eval_{args.split}"
-    raise ConfigError("--ensemble needs --output-dir for its report")
+    raise ConfigError("--ensemble (eval.ensemble) needs --output-dir for its report")
 
 
 def main(argv: list[str] | None = None) -> SegmentationMetrics:
@@ -68,16 +68,16 @@ def main(argv: list[str] | None = None) -> SegmentationMetrics:
     parser.add_argument("--output", default=None, help="also write metrics.json to this path")
     parser.add_argument("--num-panels", type=int, default=4, help="image/GT/prediction panels in the report")
     args = parser.parse_args(argv)
-    check_source_arguments(args)
     scenes = [] if args.scenes is None else [f"data.scenes={args.scenes}"]
     config = config_from_args(args, default_recipe=None, extra_overrides=[*scenes, *protocol_overrides(args)])
     protocol = config.eval
+    check_source_arguments(args, protocol)
     report_dir = _report_dir(args)
     root = data_root(config.data)
     ctx = setup_distributed(args.accelerator)
     try:
         predictor, info = build_predictor_from_args(args, config, device=ctx.device, protocol=protocol)
-        refiner, refinement = build_refiner_from_args(args, device=ctx.device)
+        refiner, refinement = build_refiner_from_args(protocol, device=ctx.device)
         data = LoveDA(root, args.split, scenes=config.data.scenes)
         result = run_evaluation(predictor, data, protocol=protocol, device=ctx.device, rank=ctx.rank,
                                 world_size=ctx.world_size, class_names=list(LOVEDA_CLASSES), ignore_index=IGNORE_INDEX,

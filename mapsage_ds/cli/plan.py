@@ -16,14 +16,8 @@ from mapsage_ds.builders import build_memory_plan, build_meta_model
 from mapsage_ds.cli import as_console
 from mapsage_ds.cli.args import add_config_arguments, config_from_args
 from mapsage_ds.data.classes import LOVEDA_CLASSES
-from mapsage_ds.planning.plan import (
-    DEFAULT_MARGIN,
-    DEFAULT_OVERHEAD,
-    GIB,
-    MemoryPlan,
-    format_plan,
-    parse_size,
-)
+from mapsage_ds.planning.model_states import GIB
+from mapsage_ds.planning.plan import DEFAULT_MARGIN, DEFAULT_OVERHEAD, MemoryPlan, format_plan, parse_size
 
 
 def main(argv: list[str] | None = None) -> MemoryPlan:

@@ -51,16 +51,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("pass exactly one of --data-root (a LoveDA-format root, with --split) or --images FOLDER")
     if args.output_dir is None:
         parser.error("--output-dir is required")
-    check_source_arguments(args)
     config = config_from_args(args, default_recipe=None, extra_overrides=protocol_overrides(args))
     protocol = config.eval
+    check_source_arguments(args, protocol)
     kinds = [k.strip() for k in args.outputs.split(",") if k.strip()]
     if not kinds or any(k not in OUTPUT_KINDS for k in kinds):
         raise ConfigError(f"--outputs {args.outputs!r}: expected a comma list of {', '.join(OUTPUT_KINDS)}")
     ctx = setup_distributed(args.accelerator)
     try:
         predictor, _ = build_predictor_from_args(args, config, device=ctx.device, protocol=protocol)
-        refiner, _ = build_refiner_from_args(args, device=ctx.device)
+        refiner, _ = build_refiner_from_args(protocol, device=ctx.device)
         if args.images is not None:
             data = ImageFolder(args.images)
             names = [p.name for p in data.files]

@@ -17,6 +17,38 @@ FLIPS: dict[str, tuple[int, ...]] = {"h": (-1,), "v": (-2,), "hv": (-2, -1)}
 
 
 @dataclass(frozen=True)
+class EnsembleMember:
+    """One exported model of an ensemble; members' softmax probabilities are averaged with these weights."""
+
+    path: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class RefineSettings:
+    """SAM boundary refinement of the predictions (docs/evaluation.md, "SAM boundary refinement").
+
+    Attributes:
+        method: ``"sam"``.
+        model: a transformers SAM directory or Meta's ``sam_vit_{b,l,h}_*.pth``.
+        score_threshold: minimum SAM predicted IoU for a region's mask to be used.
+        confidence: minimum SAM pixel probability for a pixel to change.
+        min_area: smallest region prompted, in pixels.
+        max_regions: regions prompted per image.
+    """
+
+    method: str = "sam"
+    model: str | None = None
+    score_threshold: float = 0.8
+    confidence: float = 0.9
+    min_area: int = 64
+    max_regions: int = 32
+
+
+REFINE_METHODS = ("sam",)
+
+
+@dataclass(frozen=True)
 class EvalProtocol:
     """How images become predictions and how predictions are scored; record it beside every score.
 
@@ -34,6 +66,9 @@ class EvalProtocol:
         boundary_width: Boundary IoU band in pixels (Cheng et al., 2021); None: ``boundary_dilation_ratio``
             of the image diagonal.
         boundary_dilation_ratio: The band as a fraction of the image diagonal.
+        ensemble: Exported models whose probabilities are averaged (``mapsage-evaluate --ensemble``);
+            empty: the one model the command names.
+        refine: SAM boundary refinement (``--refine sam``); None: off.
 
     Raises:
         ConfigError: naming every invalid ``eval.*`` value at once.
@@ -49,6 +84,8 @@ class EvalProtocol:
     max_images: int | None = None
     boundary_width: int | None = None
     boundary_dilation_ratio: float = 0.02
+    ensemble: list[EnsembleMember] = field(default_factory=list)
+    refine: RefineSettings | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tta_scales", [float(s) for s in self.tta_scales])
@@ -72,6 +109,17 @@ class EvalProtocol:
             problems.append(f"eval.boundary_width={self.boundary_width}: expected pixels >= 1 (or null)")
         if not 0.0 < self.boundary_dilation_ratio < 1.0:
             problems.append(f"eval.boundary_dilation_ratio={self.boundary_dilation_ratio}: expected 0 < value < 1")
+        problems += [f"eval.ensemble[{i}]={m.path}:{m.weight}: weight must be > 0"
+                     for i, m in enumerate(self.ensemble) if not m.weight > 0]
+        if self.refine is not None:
+            refine = self.refine
+            if refine.method not in REFINE_METHODS:
+                problems.append(f"eval.refine.method={refine.method!r}: expected one of {', '.join(REFINE_METHODS)}")
+            if refine.model is None:
+                problems.append("eval.refine.model is not set: --refine sam needs --sam-model PATH (a local SAM)")
+            if not 0.5 < refine.confidence <= 1.0 or refine.min_area < 1 or refine.max_regions < 1:
+                problems.append(f"eval.refine={refine}: expected 0.5 < confidence <= 1, min_area >= 1, "
+                                "max_regions >= 1")
         if problems:
             raise ConfigError("invalid evaluation protocol:\n  " + "\n  ".join(problems))
 

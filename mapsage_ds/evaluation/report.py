@@ -25,7 +25,7 @@ from PIL import Image
 from mapsage_ds.data.classes import LOVEDA_PALETTE
 from mapsage_ds.errors import DataError, MissingFileError
 from mapsage_ds.evaluation.metrics import SegmentationMetrics, class_names_or_default, percent
-from mapsage_ds.files import json_safe
+from mapsage_ds.files import json_safe, write_json
 
 __all__ = ["METRICS_FILE", "colorize", "leaderboard_markdown", "metrics_markdown", "overlay", "read_report",
            "report_dict", "row_normalised", "save_label_png", "write_report"]
@@ -198,7 +198,7 @@ def write_report(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / METRICS_FILE).write_text(json.dumps(report_dict(metrics, info=info, before=before), indent=2) + "\n")
+    write_json(out_dir / METRICS_FILE, report_dict(metrics, info=info, before=before))
     title = f"# {info.get('name', out_dir.name)}\n\n"
     (out_dir / "metrics.md").write_text(title + metrics_markdown(metrics, before=before))
     _plot_confusion(metrics, out_dir / "confusion_matrix.png")

@@ -8,6 +8,7 @@ with weights (``--ensemble dir:w,dir:w``). Each model keeps its own input normal
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from mapsage_ds.data.classes import IGNORE_INDEX
 from mapsage_ds.data.transforms import Normalize
 from mapsage_ds.errors import ConfigError, MissingFileError
 from mapsage_ds.evaluation.predictor import Ensemble, Predictor
-from mapsage_ds.evaluation.protocol import EvalProtocol
+from mapsage_ds.evaluation.protocol import EnsembleMember, EvalProtocol, RefineSettings
 from mapsage_ds.models import load_exported
 from mapsage_ds.models.factory import BuiltModel
 from mapsage_ds.tasks import SegmentationTask
@@ -89,12 +90,12 @@ def _predictor(model: nn.Module, normalize: Normalize, protocol: EvalProtocol,
 
 def build_predictor(*, model: str | None = None, checkpoint: str | None = None,
                     checkpoint_network: BuiltModel | None = None, tag: str | None = None,
-                    ensemble: str | None = None, device: torch.device,
+                    ensemble: Sequence[EnsembleMember] = (), device: torch.device,
                     protocol: EvalProtocol) -> tuple[Predictor | Ensemble, dict[str, Any]]:
     """The predictor of one model source, and a description of it for reports.
 
     The source is an export (``model``), a DeepSpeed checkpoint (``checkpoint``, an optional ``tag``,
-    and ``checkpoint_network``: the run's network rebuilt from its config) or an ``ensemble`` spec
+    and ``checkpoint_network``: the run's network rebuilt from its config) or an ``ensemble``
     (``"DIR:W,DIR:W"``).
     """
     if model is not None:
@@ -107,20 +108,22 @@ def build_predictor(*, model: str | None = None, checkpoint: str | None = None,
             "name": str(checkpoint), "models": [{"source": "deepspeed_checkpoint", "path": str(checkpoint),
                                                  "tag": tag, "weight": 1.0}]}
     members, described = [], []
-    for path, weight in parse_ensemble(ensemble):
-        network, normalize = load_exported(path)
-        members.append((_predictor(network, normalize, protocol, device), weight))
-        described.append({"source": "export", "path": path, "weight": weight})
-    return Ensemble(members), {"name": f"ensemble({ensemble})", "models": described,
+    if not ensemble:
+        raise ConfigError("no model: pass --model DIR, --checkpoint DIR (with --config) or --ensemble DIR:W,...")
+    for member in ensemble:
+        network, normalize = load_exported(member.path)
+        members.append((_predictor(network, normalize, protocol, device), member.weight))
+        described.append({"source": "export", "path": member.path, "weight": member.weight})
+    spec = ",".join(f"{m.path}:{m.weight:g}" for m in ensemble)
+    return Ensemble(members), {"name": f"ensemble({spec})", "models": described,
                                "ensemble": "weighted mean of softmax probabilities"}
 
 
-def build_refiner(*, sam_model: str, device: torch.device, score_threshold: float, confidence: float,
-                  min_region_area: int, max_regions: int):
-    """The SAM refiner of ``sam_model`` and its description for reports."""
+def build_refiner(settings: RefineSettings, *, device: torch.device):
+    """The SAM refiner ``settings`` (``eval.refine``) describe, and its description for reports."""
     from mapsage_ds.evaluation.refine import SamRefiner
 
-    settings = dict(score_threshold=score_threshold, confidence=confidence, min_region_area=min_region_area,
-                    max_regions=max_regions)
-    refiner = SamRefiner.from_pretrained(sam_model, device=device, **settings)
-    return refiner, {"method": "sam", "model": str(sam_model), **settings}
+    thresholds = dict(score_threshold=settings.score_threshold, confidence=settings.confidence,
+                      min_region_area=settings.min_area, max_regions=settings.max_regions)
+    refiner = SamRefiner.from_pretrained(settings.model, device=device, **thresholds)
+    return refiner, {"method": settings.method, "model": str(settings.model), **thresholds}

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from mapsage_ds.files import json_safe
+from mapsage_ds.files import json_safe, write_json
 
 
 class Status(str, Enum):
@@ -88,6 +87,6 @@ def write_report(path: str | Path, results: Sequence[CheckResult], *, context: d
     counts = {s.value: sum(r.status is s for r in results) for s in Status}
     data = {**json_safe(context), "ok": not any_failed(results), "summary": counts,
             "results": [r.to_dict() for r in results]}
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    write_json(path, data)
     return path
 

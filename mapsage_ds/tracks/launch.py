@@ -73,8 +73,8 @@ def launch_command(command: str, args: list[str], *, nproc: int, cards: list[int
 
 def evaluation_overrides(evaluation: TrackEvaluation) -> list[str]:
     """``--set eval.*`` overrides that give a track's validation the leaderboard's settings."""
-    fields = {f: getattr(evaluation, f) for f in EvalProtocol.__dataclass_fields__}
-    return [f"eval.{key}={json.dumps(value)}" for key, value in fields.items()]
+    values = evaluation.to_dict()
+    return [f"eval.{key}={json.dumps(values[key])}" for key in EvalProtocol.__dataclass_fields__]
 
 
 def train_args(track: TrackSpec, config: TracksConfig, run_dir: Path) -> list[str]:

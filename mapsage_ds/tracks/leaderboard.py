@@ -6,13 +6,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mapsage_ds.config import from_dict
 from mapsage_ds.evaluation.protocol import EvalProtocol
 from mapsage_ds.evaluation.report import leaderboard_markdown
 
 
 def leaderboard_text(rows: list[dict[str, Any]], evaluation: dict[str, Any], reports: list[Path]) -> str:
     """Markdown: the scores table (``leaderboard_markdown``), then the facts of each track."""
-    protocol = EvalProtocol(**{k: evaluation[k] for k in EvalProtocol.__dataclass_fields__})
+    protocol = from_dict(EvalProtocol, {k: evaluation[k] for k in EvalProtocol.__dataclass_fields__})
     lines = ["# Leaderboard", "",
              f"Every track scored by mapsage-evaluate on {evaluation['split']} ({evaluation['scenes']} scenes, "
              f"{evaluation['weights']} weights) with one protocol: {json.dumps(protocol.to_dict())}, boundary band "

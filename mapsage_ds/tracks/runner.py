@@ -233,7 +233,7 @@ class TrackRunner:
 
     def _save(self, track: TrackSpec) -> None:
         path = self.track_dir(track) / "status.json"
-        path.write_text(json.dumps(asdict(self.statuses[track.name]), indent=2) + "\n")
+        write_json(path, asdict(self.statuses[track.name]))
 
     def _restore_timings(self, track: TrackSpec) -> None:
         """Keep the training facts of an earlier run when only the leaderboard is rebuilt."""

@@ -10,6 +10,8 @@ from typing import Any
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
+from mapsage_ds.files import json_safe
+
 
 class RunLogger:
     """Writes scalars to ``{output_dir}/metrics.jsonl`` and ``{output_dir}/tensorboard``.
@@ -31,7 +33,8 @@ class RunLogger:
         if not self.enabled:
             return
         record = {"step": step, "kind": kind, "time": time.time(), **values}
-        self._jsonl.write(json.dumps(record) + "\n")
+        # A non-finite loss is logged as null: metrics.jsonl stays strict JSON, line by line.
+        self._jsonl.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
         self._jsonl.flush()
         for key, value in values.items():
             if isinstance(value, int | float):
