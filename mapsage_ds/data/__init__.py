@@ -17,7 +17,11 @@ from mapsage_ds.data.synthetic import (
     write_loveda_sample,
 )
 
+# data.source: a LoveDA folder tree, or a local Hugging Face datasets dataset (save_to_disk or parquet).
+SOURCES = ("loveda", "hf")
+
 __all__ = [
+    "SOURCES",
     "IGNORE_INDEX",
     "LOVEDA_CLASSES",
     "LOVEDA_PALETTE",

@@ -18,6 +18,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from mapsage_ds.data.loaders import sample_seed
 from mapsage_ds.errors import ConfigError
 
+# data.sampler: every batch drawn uniformly, or images with rare classes repeated (repeat-factor sampling).
+SAMPLERS = ("uniform", "class_aware")
+
 
 def _presence(sample: dict, num_classes: int) -> torch.Tensor:
     mask = sample["mask"]

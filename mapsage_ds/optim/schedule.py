@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+SCHEDULES = ("cosine", "poly", "constant")
+
 
 @dataclass(frozen=True)
 class LRSchedule:
