@@ -84,6 +84,10 @@ def test_dry_run_reports_the_7b_plan_without_materialising_it(capsys):
     script.main(["--recipe", "dinov3_sat_vit7b_loveda", "--data-root", "/not/read", "--dry-run", "--cards", "8"])
     out = capsys.readouterr().out
     assert "of 6,72" in out and "75% of the backbone frozen" in out and "Recommended:" in out
+    # A memory plan reads no data: the recipe (no data.root) needs none.
+    script.main(["--recipe", "dinov3_sat_vitl_loveda", "--dry-run", "--cards", "8"])
+    out = capsys.readouterr().out
+    assert "root: null" in out and "Recommended:" in out
 
 
 def test_weight_decay_split_is_the_same_for_zero3_shards(one_process_world):
