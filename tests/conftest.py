@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from mapsage_ds.data.synthetic import SyntheticSpec, ensure_synthetic_tree
+from mapsage_ds.runtime.launchers import without_world_variables
 from mapsage_ds.runtime.network import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,11 +52,10 @@ def write_config(path: Path, config: dict) -> Path:
 
 def subprocess_env() -> dict[str, str]:
     """Environment of launched processes: one thread each (2 cores), shared op build cache."""
-    env = dict(os.environ)
+    # Launched worlds are the test's own, even when pytest itself runs inside an MPI or SLURM job.
+    env = without_world_variables(os.environ)
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                TORCH_EXTENSIONS_DIR=env.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions")))
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
     return env
 
 

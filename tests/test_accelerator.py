@@ -223,3 +223,34 @@ def test_torchrun_ranks_bind_distinct_cards_and_reduce_over_eccl(tmp_path):
     assert sorted(r["rank"] for r in results) == [0, 1]
     for r in results:
         assert r == {"rank": r["rank"], "indices": [0, 1], "sum": 3.0, "backend": "eccl"}
+
+
+def test_gcu_exports_enflame_variables_and_compiles_as_enflame_advises(vendor, monkeypatch):
+    from torch._dynamo.backends import registry
+
+    from mapsage_ds.runtime.gcu import default_compile_backend
+
+    vendor(FAKE_TORCH_GCU)
+    monkeypatch.setenv("FAKE_GCU_DEVICE_COUNT", "2")
+    monkeypatch.delenv("TORCHGCU_INDUCTOR_ENABLE", raising=False)
+    accel = gcu_accelerator()
+    exported = accel.export_envs()
+    for name in ("ECCL_SOCKET_IFNAME", "TOPS_VISIBLE_DEVICES", "TORCH_ECCL_AVOID_RECORD_STREAMS",
+                 "TORCHGCU_INDUCTOR_ENABLE", "PYTORCH_GCU_ALLOC_CONF", "EFRT_STREAM_SYNC_USE_POLLING"):
+        assert name.startswith(tuple(exported)), name
+    assert not "NCCL_DEBUG".startswith(tuple(exported))
+    # No Enflame graph compiler here and Inductor not switched on: eager graph capture.
+    assert accel.get_compile_backend() == "eager"
+    assert default_compile_backend({"TORCHGCU_INDUCTOR_ENABLE": "1"}) == "inductor"
+    assert default_compile_backend({"TORCHGCU_INDUCTOR_ENABLE": "0"}) == "eager"
+    registry.register_backend(lambda gm, inputs: gm, name="topsgraph")  # what DeepLink dicp registers
+    try:
+        assert default_compile_backend({"TORCHGCU_INDUCTOR_ENABLE": "1"}) == "topsgraph"
+        assert gcu_accelerator().get_compile_backend() == "topsgraph"
+    finally:
+        registry._BACKENDS.pop("topsgraph", None)
+        registry._COMPILER_FNS.pop("topsgraph", None)
+    accel.set_compile_backend("inductor")
+    assert accel.get_compile_backend() == "inductor"
+    with pytest.raises(AcceleratorError, match="compile backend 'tops_nope' is not available for gcu"):
+        accel.set_compile_backend("tops_nope")

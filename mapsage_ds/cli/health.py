@@ -4,16 +4,21 @@ r"""Prove the server, the data and the evaluation are healthy before spending co
         --set model.pretrained=/weights/mit-b5 --expect-device gcu
     torchrun --nproc_per_node 2 scripts/health_check.py --recipe demo --expect-device cpu
     python scripts/health_check.py --recipe demo --only preflight --only 7
+    python scripts/health_check.py --accelerator gcu --write-deepspeed-env .deepspeed_env
 
 Prints one line per check (PASS / WARN / FAIL, a figure, what to fix), writes a JSON report
 (--report, default OUTPUT_DIR/health_check.json) and exits 1 on any FAIL. Pre-flight: devices and
 precisions, collectives with bus bandwidth, data files, checkpoint keys; then the plan's seven
-checks (see docs/health_checks.md).
+checks (see docs/health_checks.md). Rank 0 also prints the accelerator's environment: the variables
+(ECCL_*, TOPS_*, NCCL_*, ...) that every node must see alike. ``--write-deepspeed-env PATH`` only
+writes them to a ``.deepspeed_env`` for the ``deepspeed`` launcher to carry to the other nodes
+(docs/multinode.md) and runs no check.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -21,7 +26,14 @@ from mapsage_ds.cli import as_console
 from mapsage_ds.cli.args import add_config_arguments, config_from_args
 from mapsage_ds.config import to_dict
 from mapsage_ds.health import CHECK_NAMES, HealthOptions, any_failed, format_results, run_health_checks, write_report
-from mapsage_ds.runtime.accelerator import ACCELERATORS, setup_distributed, teardown_distributed
+from mapsage_ds.runtime.accelerator import (
+    ACCELERATORS,
+    detect_accelerator,
+    install_deepspeed_accelerator,
+    setup_distributed,
+    teardown_distributed,
+)
+from mapsage_ds.runtime.launchers import deepspeed_env_lines, write_deepspeed_env
 
 DEFAULT_RECIPE = "demo"
 _DEFAULTS = HealthOptions()
@@ -58,6 +70,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"run only these checks or groups (repeatable): preflight, 1..7 or a full name "
                              f"({', '.join(CHECK_NAMES)})")
     parser.add_argument("--skip", action="append", default=[], metavar="NAME", help="leave out checks (as --only)")
+    parser.add_argument("--write-deepspeed-env", default=None, metavar="PATH",
+                        help="write the accelerator's environment (ECCL_*, TOPS_*, NCCL_*, MAPSAGE_*, GLOO_* ...) to "
+                             "PATH, normally ./.deepspeed_env, for the deepspeed launcher to export on every node; "
+                             "runs no check")
     return parser.parse_args(argv)
 
 
@@ -76,15 +92,27 @@ def options_from_args(args: argparse.Namespace) -> HealthOptions:
 def main(argv: list[str] | None = None) -> int:
     """Run the checks; returns (and, run as a script, exits with) 1 on any FAIL, else 0."""
     args = parse_args(argv)
+    if args.write_deepspeed_env:
+        prefixes = install_deepspeed_accelerator(detect_accelerator(args.accelerator)).export_envs()
+        lines = write_deepspeed_env(args.write_deepspeed_env, prefixes)
+        print("\n".join([f"wrote {len(lines)} variable(s) to {args.write_deepspeed_env}:", *lines]), flush=True)
+        return 0
     config = config_from_args(args, default_recipe=DEFAULT_RECIPE)
     options = options_from_args(args)
     ctx = setup_distributed(args.accelerator)
     try:
+        from deepspeed.accelerator import get_accelerator
+
+        environment = deepspeed_env_lines(get_accelerator().export_envs(), os.environ)
+        if ctx.is_main:
+            print("\n".join([f"accelerator environment ({ctx.accelerator}, {ctx.launcher} launcher): "
+                             f"{len(environment)} variable(s) every node must share", *environment]), flush=True)
         results = run_health_checks(config, ctx, options)
         if ctx.is_main:
             report = Path(args.report) if args.report else Path(config.output_dir) / "health_check.json"
             context = {"recipe": args.recipe or (DEFAULT_RECIPE if args.config is None else None),
                        "world_size": ctx.world_size, "accelerator": ctx.accelerator, "backend": ctx.backend,
+                       "launcher": ctx.launcher, "environment": environment,
                        "options": vars(options), "config": to_dict(config)}
             write_report(report, results, context=context)
             print(format_results(results), flush=True)

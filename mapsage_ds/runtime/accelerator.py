@@ -6,22 +6,26 @@ to use (``deepspeed.accelerator.set_accelerator``) before anything of it starts.
 binds the card of its ``LOCAL_RANK`` and joins the process group on the backend of its device
 (``eccl`` for GCU, ``nccl`` for CUDA, ``gloo`` for CPU). A requested device that is missing, a
 ``LOCAL_RANK`` beyond the visible cards, or a backend that is not there is an error: there is no
-fallback to CPU, gloo or one card. Each rank prints one ``[mapsage_ds.runtime.accelerator] {json}`` line
-saying where it runs.
+fallback to CPU, gloo or one card. Ranks come from ``torchrun``/``deepspeed`` (``RANK``), or from an
+MPI or SLURM launcher's own variables (``mapsage_ds.runtime.launchers``); a world of one while a
+launcher says there are more processes is an error too. Each rank prints one
+``[mapsage_ds.runtime.accelerator] {json}`` line saying where it runs.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import platform
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from mapsage_ds.errors import AcceleratorError
-from mapsage_ds.runtime.network import free_port
+from mapsage_ds.runtime.launchers import world_environment
 
 ACCELERATORS = ("gcu", "cuda", "cpu")  # detection order
 BACKENDS = {"gcu": "eccl", "cuda": "nccl", "cpu": "gloo"}
@@ -39,6 +43,8 @@ class DistributedContext:
         backend: The collective backend of the process group.
         accelerator: The device type chosen (``gcu``, ``cuda`` or ``cpu``).
         device_index: The card this rank bound (its ``LOCAL_RANK``); None on CPU.
+        launcher: Where the ranks came from: ``torch`` (``RANK`` set by torchrun or deepspeed), an
+            MPI/SLURM launcher's name (``openmpi``, ``mvapich``, ``pmi``, ``slurm``), or ``none``.
     """
 
     device: torch.device
@@ -48,6 +54,7 @@ class DistributedContext:
     world_size: int
     accelerator: str = "cpu"
     device_index: int | None = None
+    launcher: str = "none"
 
     @property
     def is_main(self) -> bool:
@@ -206,33 +213,25 @@ def check_backend_available(backend: str) -> None:
 
 
 
-def _env_int(name: str) -> int:
-    value = os.environ.get(name)
-    if value is None or not value.strip().isdigit():
-        raise AcceleratorError(
-            f"{name}={value!r} in the environment: expected a non-negative integer (RANK is set, so this process "
-            f"was launched; torchrun and the deepspeed launcher set RANK, LOCAL_RANK and WORLD_SIZE)"
-        )
-    return int(value)
-
-
 def setup_distributed(requested: str | None = None) -> DistributedContext:
     """Choose the device, bind this process to its card and join the process group through DeepSpeed.
 
     Launched by ``deepspeed`` or ``torchrun``, ranks come from the environment (``LOCAL_RANK`` is
-    required). Run as plain ``python`` (no ``RANK`` in the environment), the process forms a world
-    of one on localhost, so that single-process runs go through the same DeepSpeed path as the
-    8-card server.
+    required). Launched by ``mpirun`` (OpenMPI, MVAPICH, hydra) or ``srun``, they come from that
+    launcher's variables, and ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and
+    ``MASTER_PORT`` are set from them (see :mod:`mapsage_ds.runtime.launchers`). Run as plain
+    ``python``, the process forms a world of one on localhost, so that single-process runs go
+    through the same DeepSpeed path as the 8-card server.
 
     Raises:
         AcceleratorError: on any of the loud failures listed in the module docstring.
     """
     accelerator = detect_accelerator(requested)
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-    rank, local_rank, world_size = _env_int("RANK"), _env_int("LOCAL_RANK"), _env_int("WORLD_SIZE")
+    world = world_environment(os.environ)
+    os.environ.update(world.variables())
+    if world.world_size == 1:
+        os.environ["LOCAL_WORLD_SIZE"] = "1"
+    rank, local_rank, world_size = world.rank, world.local_rank, world.world_size
 
     check_card_selection(accelerator)
     backend = BACKENDS[accelerator]
@@ -247,7 +246,8 @@ def setup_distributed(requested: str | None = None) -> DistributedContext:
     actual = dist.get_backend()
     if actual != backend:
         raise AcceleratorError(f"process group came up on backend '{actual}', expected '{backend}'")
-    ctx = DistributedContext(device, backend, rank, local_rank, world_size, accelerator, device_index)
+    ctx = DistributedContext(device, backend, rank, local_rank, world_size, accelerator, device_index,
+                             world.launcher)
     # One write, so that the lines of ranks sharing a pipe do not interleave.
     sys.stdout.write(REPORT_PREFIX + json.dumps(describe(ctx, accel)) + "\n")
     sys.stdout.flush()
@@ -261,6 +261,7 @@ def describe(ctx: DistributedContext, accel: Any) -> dict[str, Any]:
         "rank": ctx.rank,
         "local_rank": ctx.local_rank,
         "world_size": ctx.world_size,
+        "launcher": ctx.launcher,
         "accelerator": ctx.accelerator,
         "deepspeed_accelerator": f"{type(accel).__module__}.{type(accel).__qualname__}",
         "deepspeed_accelerator_name": accel._name,
@@ -314,3 +315,20 @@ def teardown_distributed() -> None:
         if name.startswith("_") and name.endswith(("_GROUP", "_GROUP_RANKS")) and name.isupper():
             setattr(groups, name, {} if isinstance(value, dict) else None)
     groups.mesh_device = None
+
+
+def describe_machine(device: torch.device) -> str:
+    """One line naming this machine for benchmark records: CPU model, cores, and the accelerator if any."""
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if device.type == "cpu":
+        return f"{cpu}, {os.cpu_count()} cores, no accelerator"
+    module = torch.get_device_module(device)
+    name = module.get_device_name(device) if hasattr(module, "get_device_name") else device.type
+    return f"{cpu}, {os.cpu_count()} cores, {name}"

@@ -19,7 +19,8 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any
 
@@ -32,6 +33,15 @@ VENDOR_MODULE = "torch_gcu"
 DEVICE_TYPE = "gcu"
 BACKEND = "eccl"
 VISIBLE_DEVICES_ENV = "TOPS_VISIBLE_DEVICES"
+# Variables of Enflame's stack that every rank must see alike: ECCL (collectives), TOPS runtime,
+# torch_gcu's own switches, the caching allocator, EFRT runtime and ENFLAME logging.
+EXPORT_ENV_PREFIXES = ("ECCL", "TOPS", "TORCH_ECCL", "TORCHGCU", "TORCH_GCU", "PYTORCH_GCU_ALLOC_CONF", "EFRT",
+                       "ENFLAME")
+# torch.compile on GCU: Enflame's graph compiler when installed (DeepLink dicp registers it as
+# "topsgraph"); Enflame's stacks otherwise run eager with Inductor switched off
+# (TORCHGCU_INDUCTOR_ENABLE=0), and torch_gcu's Inductor integration is used only when switched on.
+TOPS_COMPILE_BACKEND = "topsgraph"
+INDUCTOR_SWITCH = "TORCHGCU_INDUCTOR_ENABLE"
 _REQUIREMENT = ("a PyTorch-2 torch_gcu (TopsRider with torch_gcu 2.x built for this torch, which provides the "
                 "'gcu' device, torch.gcu and the 'eccl' backend) is required")
 
@@ -86,7 +96,7 @@ class GCUAccelerator(DeepSpeedAccelerator):
         self._gcu = getattr(torch, DEVICE_TYPE)
         self._name = DEVICE_TYPE
         self._communication_backend_name = BACKEND
-        self._compile_backend = "inductor"
+        self._compile_backend: str | None = None  # chosen on first use: listing backends imports dynamo
 
     def _api(self, name: str) -> Callable[..., Any]:
         try:
@@ -326,7 +336,7 @@ class GCUAccelerator(DeepSpeedAccelerator):
 
     # Launcher environment
     def export_envs(self) -> list[str]:
-        return ["ECCL", "TOPS"]
+        return list(EXPORT_ENV_PREFIXES)
 
     def visible_devices_envs(self) -> list[str]:
         return [VISIBLE_DEVICES_ENV]
@@ -336,6 +346,8 @@ class GCUAccelerator(DeepSpeedAccelerator):
             current_env[name] = ",".join(map(str, local_accelerator_ids))
 
     def get_compile_backend(self) -> str:
+        if self._compile_backend is None:
+            self._compile_backend = default_compile_backend()
         return self._compile_backend
 
     def set_compile_backend(self, backend: str) -> None:
@@ -343,3 +355,19 @@ class GCUAccelerator(DeepSpeedAccelerator):
         if backend not in supported:
             raise AcceleratorError(f"compile backend '{backend}' is not available for gcu: expected one of {supported}")
         self._compile_backend = backend
+
+
+def default_compile_backend(environ: Mapping[str, str] | None = None) -> str:
+    """The ``torch.compile`` backend DeepSpeed uses on GCU unless told otherwise.
+
+    ``topsgraph`` (Enflame's graph compiler) when a package has registered it with dynamo; else
+    ``inductor`` only if ``TORCHGCU_INDUCTOR_ENABLE=1`` switches torch_gcu's Inductor integration on;
+    else ``eager`` (graph capture without code generation), because Enflame's own stacks run with
+    Inductor off on GCU.
+    """
+    environ = os.environ if environ is None else environ
+    if TOPS_COMPILE_BACKEND in torch._dynamo.list_backends(exclude_tags=()):
+        return TOPS_COMPILE_BACKEND
+    if environ.get(INDUCTOR_SWITCH, "").strip().lower() in ("1", "true", "on", "yes"):
+        return "inductor"
+    return "eager"

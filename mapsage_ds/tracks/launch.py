@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from mapsage_ds.errors import ConfigError
 from mapsage_ds.evaluation.protocol import EvalProtocol
 from mapsage_ds.runtime.accelerator import visible_devices_env
+from mapsage_ds.runtime.launchers import launcher_world
 from mapsage_ds.tracks.spec import LAUNCHERS, TrackEvaluation, TracksConfig, TrackSpec
 
 
@@ -35,6 +38,29 @@ def launcher_selects_by_include(accelerator: str) -> bool:
     return env is not None and env == get_accelerator().visible_devices_envs()[0]
 
 
+def check_single_node(environ: Mapping[str, str]) -> None:
+    """Refuse to run tracks from a process that is one of several (``srun -N 2``, ``mpirun``, ``torchrun``).
+
+    Tracks share out the cards of one node among concurrent single-node jobs; started once per
+    node or per rank, every copy would run every track into the same directories. A multi-node
+    run is one ``mapsage-finetune`` job (docs/multinode.md).
+
+    Raises:
+        ConfigError: if ``WORLD_SIZE`` or an MPI/SLURM launcher's variables say there are several processes.
+    """
+    world = launcher_world(environ)
+    size = environ.get("WORLD_SIZE", "").strip()
+    if world is not None and world.world_size > 1:
+        reason = f"{world.launcher} started {world.world_size} copies of it ({world.source})"
+    elif size.isdigit() and int(size) > 1:
+        reason = f"WORLD_SIZE={size}"
+    else:
+        return
+    raise ConfigError(f"tracks run on one node, from one process, but {reason}: start mapsage-tracks once, without "
+                      f"a launcher (it launches each track itself); to train across nodes run mapsage-finetune under "
+                      f"the launcher instead (docs/multinode.md)")
+
+
 def launch_command(command: str, args: list[str], *, nproc: int, cards: list[int] | None, accelerator: str,
                    launcher: str, master_port: int, python: str = sys.executable) -> Launch:
     """The command line that runs the module ``mapsage_ds.cli.{command}`` on ``nproc`` processes bound to ``cards``.
@@ -42,9 +68,13 @@ def launch_command(command: str, args: list[str], *, nproc: int, cards: list[int
     The installed module is launched (``-m`` / ``--module``), not a file of the source tree, so
     tracks run from any working directory and from a wheel.
 
+    Tracks are single-node: torchrun is given ``--nnodes=1``, deepspeed only ``localhost`` cards.
+
     Raises:
-        ConfigError: if cards are given for a device type without cards (CPU).
+        ConfigError: if cards are given for a device type without cards (CPU), or if this process is
+            one of several (see :func:`check_single_node`).
     """
+    check_single_node(os.environ)
     env = {"MAPSAGE_ACCELERATOR": accelerator}
     variable = visible_devices_env(accelerator)
     if cards and variable is None:

@@ -38,13 +38,14 @@ from mapsage_ds.errors import MapSageError
 from mapsage_ds.evaluation.metrics import class_names_or_default
 from mapsage_ds.evaluation.report import read_report
 from mapsage_ds.files import write_json
+from mapsage_ds.runtime.launchers import without_world_variables
 from mapsage_ds.runtime.network import free_port
 from mapsage_ds.tracks.launch import Launch, eval_args, launch_command, overrides_of, train_args
 from mapsage_ds.tracks.leaderboard import leaderboard_text
 from mapsage_ds.tracks.spec import TracksConfig, TrackSpec
 
-_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
-             "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+# Besides torch's and the launchers' variables (launchers.without_world_variables): torchrun's own.
+_ELASTIC_ENV = ("GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
 _LOG_TAIL = 2000
 
 
@@ -72,7 +73,7 @@ class _Job:
     """A running phase of a track: its process group, log file and start time."""
 
     def __init__(self, launch: Launch, log: Path) -> None:
-        env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+        env = without_world_variables(os.environ, extra=_ELASTIC_ENV)
         env.update(launch.env)
         self.log = log
         self.handle = log.open("w")
