@@ -36,6 +36,7 @@ setup(
         "matplotlib>=3.7",  # evaluation report figures (confusion matrix, IoU bars, panels)
         "scipy>=1.10",  # SAM refinement: connected regions and distance transform
         "albumentations>=2.0,<3",  # training augmentations (OpenCV); chosen by docs/training_recipe.md
+        "rasterio>=1.3",  # GeoTIFF/COG scenes read and written window by window (its wheels carry GDAL)
     ],
     extras_require={
         # segmentation-models-pytorch: the independent reference for the Dice and Lovász tests.

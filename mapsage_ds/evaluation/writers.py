@@ -29,14 +29,27 @@ _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
 
 class ImageFolder(Dataset):
-    """RGB images of one folder (not recursive), sorted by name: items ``{"image", "name"}``.
+    """RGB images of one folder (not recursive), sorted by name, or the given files: items ``{"image", "name"}``.
+
+    Args:
+        folder: The folder (ignored when ``files`` is given).
+        files: Image files to take as they are, in order (e.g. the plain images of ``--input``).
 
     Raises:
-        MissingFileError: If the folder does not exist.
-        DataError: If it holds no image.
+        MissingFileError: If the folder or a file does not exist.
+        DataError: If there is no image.
     """
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path | None = None, *, files: list[Path] | None = None) -> None:
+        if files is not None:
+            self.folder = None
+            self.files = [Path(p) for p in files]
+            missing = [p for p in self.files if not p.is_file()]
+            if missing:
+                raise MissingFileError(f"image not found: {missing[0]}")
+            if not self.files:
+                raise DataError("no images given")
+            return
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise MissingFileError(f"image folder not found: {self.folder}")
