@@ -46,3 +46,21 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 def write_json(path: str | Path, data: Any) -> None:
     """Write ``data`` as indented, strictly valid JSON (non-finite numbers become null), atomically."""
     write_text_atomic(path, json.dumps(json_safe(data), indent=2, allow_nan=False, default=float) + "\n")
+
+
+def replace_marked_section(doc: str | Path, name: str, section: str, *, title: str = "# Benchmarks") -> None:
+    """Put ``section`` between ``<!-- {name}:start -->`` and ``<!-- {name}:end -->`` in ``doc``.
+
+    The old text between the markers is replaced (a rerun does not duplicate it); without the
+    markers the section is appended. The rest of the document is kept as it is.
+    """
+    doc = Path(doc)
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text = doc.read_text() if doc.is_file() else title + "\n"
+    block = f"{start}\n{section.rstrip()}\n{end}"
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        text = before + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    write_text_atomic(doc, text)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from functools import partial
@@ -25,12 +24,12 @@ from mapsage_ds.data.classes import LOVEDA_CLASSES
 from mapsage_ds.errors import ConfigError, MapSageError
 from mapsage_ds.evaluation.predictor import Predictor, window_starts
 from mapsage_ds.evaluation.protocol import EvalProtocol
+from mapsage_ds.files import replace_marked_section
 from mapsage_ds.models.segformer import build_segformer
-from mapsage_ds.runtime.accelerator import detect_accelerator, synchronize
+from mapsage_ds.runtime.accelerator import describe_machine, detect_accelerator, synchronize
 from mapsage_ds.tasks import SegmentationTask
 
 REPO = Path(__file__).resolve().parents[1]
-START, END = "<!-- inference-benchmark:start -->", "<!-- inference-benchmark:end -->"
 TOLERANCE = 1e-5
 
 
@@ -60,20 +59,6 @@ def _timed(function, device: torch.device) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - started, out
 
 
-def machine_name(device: torch.device) -> str:
-    """A one-line description of this machine: CPU model and cores, and the accelerator if any."""
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    accelerator = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {accelerator}"
-
-
 def parse_settings(text: str) -> list[tuple[int, int]]:
     """``"512/256,256/128"`` -> ``[(512, 256), (256, 128)]``."""
     settings = []
@@ -85,18 +70,6 @@ def parse_settings(text: str) -> list[tuple[int, int]]:
     if not settings:
         raise ConfigError("--settings: expected at least one TILE/STRIDE")
     return settings
-
-
-def update_doc(doc: Path, section: str) -> None:
-    """Replace the text between the benchmark markers in ``doc`` (append it when absent)."""
-    text = doc.read_text() if doc.is_file() else "# Benchmarks\n"
-    block = f"{START}\n{section.rstrip()}\n{END}"
-    if START in text and END in text:
-        before, rest = text.split(START, 1)
-        text = before + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    doc.write_text(text)
 
 
 def measure(task: SegmentationTask, image: torch.Tensor, *, tile: int, stride: int, window_batch_size: int,
@@ -143,7 +116,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     settings = parse_settings(args.settings)
     threads = sorted({int(t) for t in args.threads.split(",") if t.strip()})
     device = torch.device(detect_accelerator(args.accelerator))
-    machine = args.machine or machine_name(device)
+    machine = args.machine or describe_machine(device)
 
     torch.manual_seed(0)
     task = SegmentationTask(build_segformer(args.model_size, list(LOVEDA_CLASSES))).to(device).eval()
@@ -187,7 +160,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         lines.append(f"| {r['threads']} | {r['tile']} / {r['stride']} | {r['windows']} | {r['loop_s']:.3f} | "
                      f"{r['batched_s']:.3f} | ×{r['speedup']:.2f} | ×{r['speedup_median']:.2f} | "
                      f"{r['max_abs_diff']:.1e} |")
-    update_doc(Path(args.doc), "\n".join(lines) + "\n")
+    replace_marked_section(args.doc, "inference-benchmark", "\n".join(lines) + "\n")
     return records
 
 

@@ -39,6 +39,7 @@ from mapsage_ds.errors import ConfigError
 from mapsage_ds.evaluation.predictor import Predictor
 from mapsage_ds.evaluation.protocol import EvalProtocol
 from mapsage_ds.evaluation.refine import SamRefiner, find_regions
+from mapsage_ds.files import replace_marked_section
 from mapsage_ds.models.convert.sam import (
     DECODER_LAYER_NORM_EPS,
     PUBLISHED_DECODER_HEADS,
@@ -49,11 +50,10 @@ from mapsage_ds.models.convert.sam import (
     sam_processor,
 )
 from mapsage_ds.models.segformer import build_segformer
-from mapsage_ds.runtime.accelerator import detect_accelerator, synchronize
+from mapsage_ds.runtime.accelerator import describe_machine, detect_accelerator, synchronize
 from mapsage_ds.tasks import SegmentationTask
 
 REPO = Path(__file__).resolve().parents[1]
-START, END = "<!-- refine-benchmark:start -->", "<!-- refine-benchmark:end -->"
 IGNORE_INDEX = 255
 # Meta's published image encoders: (width, depth); heads and global-attention blocks follow from them.
 PUBLISHED_SAM = {"vit_b": (768, 12), "vit_l": (1024, 24), "vit_h": (1280, 32)}
@@ -147,32 +147,6 @@ def _timed(function, device: torch.device):
     return time.perf_counter() - started, out
 
 
-def machine_name(device: torch.device) -> str:
-    """A one-line description of this machine: CPU model and cores, and the accelerator if any."""
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    accelerator = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {accelerator}"
-
-
-def update_doc(doc: Path, section: str) -> None:
-    """Replace the text between the benchmark markers in ``doc`` (append it when absent)."""
-    text = doc.read_text() if doc.is_file() else "# Benchmarks\n"
-    block = f"{START}\n{section.rstrip()}\n{END}"
-    if START in text and END in text:
-        before, rest = text.split(START, 1)
-        text = before + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    doc.write_text(text)
-
-
 def measure(predictor: Predictor, refiner: SamRefiner, image: torch.Tensor, probabilities: torch.Tensor,
             valid: torch.Tensor, *, repeats: int, device: torch.device) -> dict:
     """Median seconds of the coarse prediction alone, and of coarse + refinement, interleaved after a warm-up."""
@@ -183,7 +157,7 @@ def measure(predictor: Predictor, refiner: SamRefiner, image: torch.Tensor, prob
         return refiner.refine(image, probabilities, valid=valid)
 
     coarse()  # warm-up of both paths
-    _, refined = _timed(refine, device)
+    refine()
     baseline, measured_coarse, measured_refine = [], [], []
     for _ in range(repeats):
         baseline.append(_timed(coarse, device)[0])
@@ -191,9 +165,8 @@ def measure(predictor: Predictor, refiner: SamRefiner, image: torch.Tensor, prob
         measured_refine.append(_timed(refine, device)[0])
     total = [c + r for c, r in zip(measured_coarse, measured_refine)]
     coarse_s, refine_s, total_s = (statistics.median(times) for times in (baseline, measured_refine, total))
-    changed = (refined != probabilities.argmax(dim=1).to(refined.device)).float().mean().item()
     return {"coarse_s": coarse_s, "refine_s": refine_s, "total_s": total_s, "refine_ratio": refine_s / coarse_s,
-            "total_ratio": total_s / coarse_s, "refine_times": measured_refine, "changed_fraction": changed}
+            "total_ratio": total_s / coarse_s, "refine_times": measured_refine}
 
 
 def _load() -> float:
@@ -225,7 +198,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.repeats < 1 or args.threads < 1:
         raise ConfigError(f"--repeats {args.repeats}, --threads {args.threads}: expected values >= 1")
     device = torch.device(detect_accelerator(args.accelerator))
-    machine = args.machine or machine_name(device)
+    machine = args.machine or describe_machine(device)
 
     tile = load_tile(data_root=args.data_root, scene=args.scene, index=args.index, size=args.image_size,
                      seed=args.seed)
@@ -296,7 +269,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for r in records:
         lines.append(f"| {r['sam']} | {r['parameters'] / 1e6:.1f} M | {r['regions_prompted']} | {r['coarse_s']:.3f} | "
                      f"{r['refine_s']:.3f} | ×{r['refine_ratio']:.1f} | {r['total_s']:.3f} | ×{r['total_ratio']:.1f} |")
-    update_doc(Path(args.doc), "\n".join(lines) + "\n")
+    replace_marked_section(args.doc, "refine-benchmark", "\n".join(lines) + "\n")
     return records
 
 
