@@ -50,6 +50,7 @@ from mapsage_ds.data.loaders import eval_shard
 from mapsage_ds.data.rasters import BandScaling, RasterScene
 from mapsage_ds.errors import ConfigError, DataError, MissingFileError
 from mapsage_ds.evaluation.predictor import Ensemble, Predictor, eval_mode, window_starts
+from mapsage_ds.evaluation.writers import check_distinct_outputs
 
 __all__ = ["BLENDS", "PLAIN_IMAGE_SUFFIXES", "RASTER_SUFFIXES", "SceneResult", "blend_weights", "find_inputs",
            "nodata_fill", "predict_scene", "predict_scenes", "scene_output_name"]
@@ -418,13 +419,7 @@ def predict_scenes(
         MissingFileError: If a scene does not exist.
     """
     out_dir = Path(out_dir)
-    names: dict[str, Path] = {}
-    for path in paths:
-        name = scene_output_name(path)
-        if name in names:
-            raise DataError(f"scenes {names[name]} and {path} would both be written as {name}; "
-                            "predict them into separate output directories")
-        names[name] = path
+    check_distinct_outputs(paths, scene_output_name)
     for path in paths:
         RasterScene(path, bands=bands, scaling=scaling).close()
     _check_writable(out_dir)

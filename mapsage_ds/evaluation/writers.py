@@ -7,8 +7,9 @@ index 0..6 (background 0, building 1, road 2, water 3, barren 4, forest 5, agric
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -70,14 +71,19 @@ def output_file_name(name: str) -> str:
     return Path(name).with_suffix(".png").name
 
 
-def _check_unique(names: Sequence[str]) -> None:
-    seen: dict[str, str] = {}
-    for name in names:
-        out = output_file_name(name)
+def check_distinct_outputs(inputs: Sequence, output_name: Callable[[Any], str]) -> None:
+    """Refuse inputs that would be written to one output file (images of two scene folders, say).
+
+    Raises:
+        DataError: Naming both inputs and the shared output name.
+    """
+    seen: dict[str, Any] = {}
+    for item in inputs:
+        out = output_name(item)
         if out in seen:
-            raise DataError(f"images {seen[out]!r} and {name!r} would both be written as {out}; "
+            raise DataError(f"inputs {str(seen[out])!r} and {str(item)!r} would both be written as {out}; "
                             "predict them into separate output directories")
-        seen[out] = name
+        seen[out] = item
 
 
 @torch.no_grad()
@@ -118,7 +124,7 @@ def write_predictions(
     unknown = [k for k in kinds if k not in OUTPUT_KINDS]
     if unknown or not kinds:
         raise ConfigError(f"outputs {list(kinds)}: expected one or more of {', '.join(OUTPUT_KINDS)}")
-    _check_unique(names)
+    check_distinct_outputs(names, output_file_name)
     out_dir = Path(out_dir)
     for kind in kinds:
         (out_dir / kind).mkdir(parents=True, exist_ok=True)

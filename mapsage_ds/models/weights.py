@@ -24,6 +24,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from mapsage_ds.errors import DataError, MissingFileError
+from mapsage_ds.models.convert.common import list_names
 
 _WRAPPER_PREFIXES = ("module.", "model.")
 _NESTED_KEYS = ("state_dict", "model", "module")
@@ -44,8 +45,7 @@ class KeyReport:
     def summary(self, max_names: int = 8) -> str:
         """Human-readable report, listing the first few names of every category."""
         def names(items: list) -> str:
-            shown = ", ".join(str(i) for i in items[:max_names])
-            return shown + (f", ... (+{len(items) - max_names})" if len(items) > max_names else "")
+            return list_names(items, max_names)
 
         lines = [f"weights from {self.source}: {len(self.matched)} matched, {len(self.missing)} missing, "
                  f"{len(self.unexpected)} unexpected, {len(self.shape_mismatched)} shape-mismatched"]

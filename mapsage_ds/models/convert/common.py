@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -33,3 +34,9 @@ class ConvertedWeights:
     source_format: str
     pretraining: str | None = None
     dropped: dict[str, str] = field(default_factory=dict)
+
+
+def list_names(items: Sequence[object], limit: int = 8) -> str:
+    """The first ``limit`` names of ``items``, comma-separated, and how many more there are (for errors)."""
+    shown = ", ".join(str(item) for item in items[:limit])
+    return shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")

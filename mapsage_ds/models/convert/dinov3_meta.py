@@ -30,7 +30,7 @@ import torch
 from transformers import DINOv3ViTConfig
 
 from mapsage_ds.errors import ConfigError, DataError
-from mapsage_ds.models.convert.common import PRETRAINING_LVD1689M, PRETRAINING_SAT493M, ConvertedWeights
+from mapsage_ds.models.convert.common import PRETRAINING_LVD1689M, PRETRAINING_SAT493M, ConvertedWeights, list_names
 
 SOURCE_FORMAT = "meta-dinov3"
 LAYER_NORM_EPS = 1e-5
@@ -141,10 +141,10 @@ def convert_meta_dinov3(state: Mapping[str, torch.Tensor], *, pretraining: str |
             raise DataError(f"{where}: has {', '.join(k for k in _UNTIED_CLS_NORM if k in state)} (a separate "
                             f"inference norm for CLS/register tokens, untie_cls_and_patch_norms); DINOv3ViTModel "
                             f"applies one final norm to all tokens and cannot reproduce it")
-        raise DataError(f"{where}: unknown tensors for a Meta DINOv3 ViT: {_names(unknown)}")
+        raise DataError(f"{where}: unknown tensors for a Meta DINOv3 ViT: {list_names(unknown)}")
     missing = [k for k in _REQUIRED_TOP if k not in state]
     if missing:
-        raise DataError(f"{where}: missing tensors {_names(missing)}")
+        raise DataError(f"{where}: missing tensors {list_names(missing)}")
 
     dropped: dict[str, str] = {}
     out: dict[str, torch.Tensor] = {}
@@ -330,11 +330,11 @@ def _block_layout(state: Mapping[str, torch.Tensor], blocks: dict[int, dict[str,
     expected = list(dict.fromkeys(expected))
     missing = [f"blocks.{i}.{s}" for i, suffixes in blocks.items() for s in expected if s not in suffixes]
     if missing:
-        raise DataError(f"{where}: missing tensors {_names(missing)}")
+        raise DataError(f"{where}: missing tensors {list_names(missing)}")
     stray = sorted(f"blocks.{i}.{s}" for i, suffixes in blocks.items() for s in suffixes if s not in expected)
     if stray:
         raise DataError(f"{where}: tensors that do not fit the {'SwiGLU' if gated else 'plain'} MLP blocks: "
-                        f"{_names(stray)}")
+                        f"{list_names(stray)}")
     first = state[blocks[0][f"{mlp_layers[0]}.weight"]]
     if first.dim() != 2:
         raise DataError(f"{where}: blocks.0.{mlp_layers[0]}.weight has shape {tuple(first.shape)}, expected 2-D")
@@ -415,7 +415,3 @@ def _matrix(state: Mapping[str, torch.Tensor], key: str, shape: tuple[int, int],
         raise DataError(f"{where}: {key} has shape {tuple(value.shape)}, expected {shape}")
     return value
 
-
-def _names(keys: list[str]) -> str:
-    shown = ", ".join(keys[:_SHOWN_KEYS])
-    return shown + (f", ... (+{len(keys) - _SHOWN_KEYS} more)" if len(keys) > _SHOWN_KEYS else "")

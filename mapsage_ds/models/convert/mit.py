@@ -40,7 +40,7 @@ from torch import Tensor
 from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerModel
 
 from mapsage_ds.errors import ConfigError, DataError
-from mapsage_ds.models.convert.common import PRETRAINING_IMAGENET, ConvertedWeights
+from mapsage_ds.models.convert.common import PRETRAINING_IMAGENET, ConvertedWeights, list_names
 
 MIT_NUM_HEADS = (1, 2, 5, 8)
 """MiT's published attention heads per stage, the same for b0-b5."""
@@ -180,7 +180,7 @@ def convert_mit(
                 out[new_key] = new_tensor
                 origin[new_key] = key
     if unknown:
-        raise DataError(f"{where}: unrecognised keys for a {fmt} MiT checkpoint: {_names(unknown)}")
+        raise DataError(f"{where}: unrecognised keys for a {fmt} MiT checkpoint: {list_names(unknown)}")
     config = _infer_config(out, origin, num_attention_heads, where)
     _check_against_model(out, origin, config, where)
     return ConvertedWeights(arch="segformer", config=config, state_dict=out, source_format=fmt,
@@ -394,16 +394,12 @@ def _check_against_model(state: dict[str, Tensor], origin: dict[str, str], confi
                   for k, v in expected.items() if k in state and state[k].shape != v.shape]
     problems = []
     if missing:
-        problems.append(f"missing {_names(missing)}")
+        problems.append(f"missing {list_names(missing)}")
     if unexpected:
-        problems.append(f"unexpected {_names(unexpected)}")
+        problems.append(f"unexpected {list_names(unexpected)}")
     if mismatched:
-        problems.append(f"shape-mismatched {_names(mismatched)}")
+        problems.append(f"shape-mismatched {list_names(mismatched)}")
     if problems:
         raise DataError(f"{where}: tensors do not form the SegFormer they describe ({config.hidden_sizes=}, "
                         f"{config.depths=}): " + "; ".join(problems))
 
-
-def _names(items: Sequence[str], limit: int = 8) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")

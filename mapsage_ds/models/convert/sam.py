@@ -43,7 +43,7 @@ import torch
 from transformers import SamConfig
 
 from mapsage_ds.errors import ConfigError, DataError, MissingFileError
-from mapsage_ds.models.convert.common import ConvertedWeights
+from mapsage_ds.models.convert.common import ConvertedWeights, list_names
 
 if TYPE_CHECKING:
     from transformers import SamModel, SamProcessor
@@ -62,7 +62,6 @@ PUBLISHED_WINDOW_SIZE = 14
 PUBLISHED_DECODER_HEADS = 8
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-_SHOWN_KEYS = 8
 _SAM_MARKERS = ("image_encoder.patch_embed.proj.weight", "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix",
                 "mask_decoder.iou_token.weight")
 _SAM2_MARKERS = ("image_encoder.trunk.patch_embed.proj.weight", "sam_mask_decoder.iou_token.weight")
@@ -174,8 +173,8 @@ def convert_meta_sam(
     if not is_meta_sam(state):
         missing = [k for k in _SAM_MARKERS if k not in state]
         hint = " (this is a SAM 2 checkpoint)" if is_meta_sam2(state) else ""
-        raise DataError(f"{where}: not a Meta SAM state dict{hint}; missing {_names(missing)}; "
-                        f"found {_names(sorted(state))}")
+        raise DataError(f"{where}: not a Meta SAM state dict{hint}; missing {list_names(missing)}; "
+                        f"found {list_names(sorted(state))}")
 
     dropped = {key: ("input normalisation constants: SamProcessor holds them (ImageNet mean/std x 255, the same "
                      "values Meta uses)") for key in _NORMALIZATION_KEYS if key in state}
@@ -224,8 +223,8 @@ def load_sam(path: str | Path) -> SamModel:
         raise DataError(f"{path}: a SAM 2 checkpoint; only SAM 1 files (sam_vit_b/l/h_*.pth) and transformers "
                         f"SamModel directories are supported")
     if not is_meta_sam(state):
-        raise DataError(f"{path}: not a Meta SAM checkpoint (expected {_names(list(_SAM_MARKERS))}); "
-                        f"found {_names(sorted(state))}")
+        raise DataError(f"{path}: not a Meta SAM checkpoint (expected {list_names(list(_SAM_MARKERS))}); "
+                        f"found {list_names(sorted(state))}")
     converted = convert_meta_sam(state, source=str(path))
     model, info = SamModel.from_pretrained(None, config=converted.config, state_dict=converted.state_dict,
                                            output_loading_info=True)
@@ -453,7 +452,7 @@ def _rename(state: Mapping[str, torch.Tensor], config: SamConfig, where: str) ->
             unknown.append(key)
     if unknown:
         raise DataError(f"{where}: tensors that are not part of SAM (a variant such as SAM-HQ, or a fine-tune "
-                        f"with extra modules?): {_names(sorted(unknown))}")
+                        f"with extra modules?): {list_names(sorted(unknown))}")
     return out
 
 
@@ -470,7 +469,7 @@ def _check_against_model(out: Mapping[str, torch.Tensor], config: SamConfig, whe
     wrong = [f"{k} {tuple(out[k].shape)} (expected {expected[k]})" for k in sorted(set(out) & set(expected))
              if tuple(out[k].shape) != expected[k]]
     if missing or extra or wrong:
-        parts = [f"{label}: {_names(keys)}" for label, keys in
+        parts = [f"{label}: {list_names(keys)}" for label, keys in
                  (("missing", missing), ("not in SamModel", extra), ("mis-shaped", wrong)) if keys]
         raise DataError(f"{where}: the tensors do not form one SAM ({'; '.join(parts)})")
 
@@ -492,7 +491,3 @@ def _count(state: Mapping[str, torch.Tensor], prefix: str, suffix: str, where: s
         raise DataError(f"{where}: {prefix}N.{suffix} should exist for N = 0, 1, ...; found N in {found}")
     return len(found)
 
-
-def _names(keys: list[str]) -> str:
-    shown = ", ".join(keys[:_SHOWN_KEYS])
-    return shown + (f", ... (+{len(keys) - _SHOWN_KEYS} more)" if len(keys) > _SHOWN_KEYS else "")

@@ -27,13 +27,12 @@ import torch
 from safetensors.torch import save_file
 
 from mapsage_ds.errors import ConfigError, DataError, MissingFileError
-from mapsage_ds.models.convert.common import PRETRAINING_IMAGENET, ConvertedWeights
+from mapsage_ds.models.convert.common import PRETRAINING_IMAGENET, ConvertedWeights, list_names
 
 if TYPE_CHECKING:
     from mapsage_ds.models.normalization import NormalizationDecision
 
 _MODEL_TYPES = {"segformer": "segformer", "dinov3_vit": "dinov3"}
-_SHOWN_KEYS = 8
 
 
 def read_pretrained(path: str | Path, *, num_attention_heads: list[int] | None = None) -> ConvertedWeights:
@@ -92,7 +91,7 @@ def _read_hf_directory(path: Path) -> ConvertedWeights:
         foreign = [k for k in foreign if not k.startswith(("decode_head.", "classifier."))]
     if foreign:
         raise DataError(f"{path}: config.json says {model_type} but {len(foreign)} tensor(s) are not in its HF "
-                        f"layout: {_names(foreign)}")
+                        f"layout: {list_names(foreign)}")
     return ConvertedWeights(arch=arch, config=config, state_dict=state, source_format="hf",
                             pretraining=pretraining)
 
@@ -113,12 +112,8 @@ def _convert_state(state: dict[str, torch.Tensor], path: Path, *,
         raise DataError(f"{path}: HF-layout DINOv3 tensors without their config.json; point model.pretrained at "
                         f"the HF directory (config.json + model.safetensors) instead")
     raise DataError(f"{path}: the keys match no known layout (HF SegFormer, NVlabs or mmsegmentation MiT / "
-                    f"SegFormer, Meta DINOv3); first keys: {_names(list(state))}")
+                    f"SegFormer, Meta DINOv3); first keys: {list_names(list(state))}")
 
-
-def _names(keys: list[str]) -> str:
-    shown = ", ".join(keys[:_SHOWN_KEYS])
-    return shown + (f", ... (+{len(keys) - _SHOWN_KEYS})" if len(keys) > _SHOWN_KEYS else "")
 
 
 def write_hf_directory(converted: ConvertedWeights, dst: str | Path, *, normalization: NormalizationDecision) -> None:
