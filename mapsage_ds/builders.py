@@ -7,23 +7,33 @@ means the same thing to all of them.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
 
-from mapsage_ds.config import Config, DataConfig, LossConfig, OptimConfig, TrainConfig, UnfreezeConfig
+from mapsage_ds.config import (
+    Config,
+    DataConfig,
+    LossConfig,
+    OptimConfig,
+    TrainConfig,
+    UnfreezeConfig,
+    read_recipe,
+    recipe_names,
+)
 from mapsage_ds.data.classes import IGNORE_INDEX
 from mapsage_ds.data.hf_source import HFSegmentationDataset
 from mapsage_ds.data.loaders import TrainSampler, TrainStream, TransformedDataset
 from mapsage_ds.data.loveda import LoveDA
 from mapsage_ds.data.mixing import MixCollate
 from mapsage_ds.data.samplers import BatchCropSizes, ClassAwareSampler, class_presence, repeat_factors
-from mapsage_ds.data.synthetic import ensure_synthetic_tree
+from mapsage_ds.data.synthetic import MARKER_NAME, ensure_synthetic_tree
 from mapsage_ds.data.transforms import Normalize, TrainTransform
-from mapsage_ds.errors import ConfigError
+from mapsage_ds.data.validation import ValidationReport, default_cache_dir, validate_dataset, validation_error
+from mapsage_ds.errors import ConfigError, MapSageError, StorageError, on_every_rank
 from mapsage_ds.losses import CompositeLoss, build_loss
 from mapsage_ds.models import build_model
 from mapsage_ds.models.factory import BuiltModel
@@ -32,6 +42,7 @@ from mapsage_ds.optim.unfreeze import UnfreezePlan
 from mapsage_ds.planning.plan import MemoryPlan, plan_for_run
 from mapsage_ds.runtime.accelerator import DistributedContext
 from mapsage_ds.runtime.engine import EngineBuilder, fill_ds_config, read_ds_config
+from mapsage_ds.runtime.failures import raise_if_any_failed
 
 
 def data_root(data: DataConfig) -> str:
@@ -42,11 +53,79 @@ def data_root(data: DataConfig) -> str:
 
 
 def prepare_data_root(data: DataConfig, ctx: DistributedContext) -> None:
-    """Generate the synthetic tree once (rank 0) when the config asks for one."""
+    """Collective: generate the synthetic tree once (rank 0) when the config asks for one.
+
+    Generated data is written only at the ``data.root`` of a packaged recipe that generates its
+    data, or anywhere with ``data.generate`` (``--generate-data``): a mistyped ``--data-root``
+    must fail, not quietly become a new dataset. A complete generated tree is used wherever it is.
+
+    Raises:
+        ConfigError: On rank 0, when ``data.root`` holds no generated tree and is no recipe's own
+            root (other ranks raise ``FailedOnAnotherRank``), or when ``ensure_synthetic_tree``
+            refuses the root.
+    """
     root = data_root(data)
+    error = None
     if data.synthetic is not None and ctx.is_main:
-        ensure_synthetic_tree(root, data.synthetic)
-    dist.barrier()
+        try:
+            check_generation_root(data)
+            ensure_synthetic_tree(root, data.synthetic)
+        except MapSageError as failure:
+            error = failure
+        except OSError as failure:
+            error = StorageError(f"generating the synthetic tree at {root} failed: {failure}")
+    # Also the barrier: the other ranks read the tree only once rank 0 has written it.
+    raise_if_any_failed(error)
+
+
+def check_generation_root(data: DataConfig) -> None:
+    """Raise unless ``data.synthetic`` may be generated at ``data.root`` (or a generated tree is there already).
+
+    Raises:
+        ConfigError: If ``data.root`` holds no generated tree, ``data.generate`` is off and no packaged
+            recipe that generates its data names this root.
+    """
+    root = data_root(data)
+    if data.synthetic is None or data.generate or (Path(root) / MARKER_NAME).is_file():
+        return
+    # A recipe's relative root means the current directory, as the run itself reads it.
+    recipe_roots: dict[str, list[str]] = {}
+    for name in recipe_names():
+        recipe_data = read_recipe(name).get("data") or {}
+        if recipe_data.get("synthetic") is not None and recipe_data.get("root"):
+            recipe_roots.setdefault(str(recipe_data["root"]), []).append(name)
+    if Path(root).resolve() in {Path(r).resolve() for r in recipe_roots}:
+        return
+    defaults = "; ".join(f"{r} (recipe {', '.join(names)})" for r, names in recipe_roots.items()) or "none"
+    raise ConfigError(
+        f"data.root={root} holds no generated LoveDA tree (no {MARKER_NAME}), and data.synthetic generates its data "
+        f"only at the recipe's own data.root: {defaults}. Pass --generate-data (data.generate=true) to generate it at "
+        f"{root}, or --set data.synthetic=null to train on data that is already there"
+    )
+
+
+def validate_data(data: DataConfig, ctx: DistributedContext) -> list[ValidationReport]:
+    """Collective: decode every image and mask of the train and val splits before training.
+
+    Ranks share the work; files that passed before and did not change since are skipped
+    (:mod:`mapsage_ds.data.validation`). Nothing happens when ``data.validate`` is false.
+
+    Returns:
+        One report per split (none when validation is off).
+
+    Raises:
+        DataError: On rank 0, listing every broken file of both splits (other ranks raise
+            ``FailedOnAnotherRank``).
+    """
+    if not data.validate:
+        return []
+    reports = [validate_dataset(build_dataset(data, split), cache_dir=default_cache_dir(), rank=ctx.rank,
+                                world_size=ctx.world_size, progress=ctx.is_main)
+               for split in dict.fromkeys((data.train_split, data.val_split))]
+    error = validation_error(reports)
+    # Every rank holds the same report: the message names the broken files of all ranks, printed once.
+    raise_if_any_failed(None if error is None else on_every_rank(error))
+    return reports
 
 
 def build_dataset(data: DataConfig, split: str) -> Dataset:

@@ -55,6 +55,10 @@ class DataConfig:
     val_split: str = "Val"
     # Generate a synthetic LoveDA-format tree at `root` when set (demo and tests only).
     synthetic: SyntheticSpec | None = None
+    # Also generate it at a root no packaged recipe names (--generate-data); else a mistyped root is an error.
+    generate: bool = False
+    # Decode every train/val image and mask before training (cached); false skips it, e.g. on a slow mount.
+    validate: bool = True
     hf_image_column: str = "image"
     hf_mask_column: str = "mask"
     hf_mask_encoding: str = "loveda_raw"  # loveda_raw | index
@@ -136,9 +140,12 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute backbone blocks in backward to save activation memory
     eval_every: int = 500
     save_every: int = 500
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # newest by step; older ones are deleted (never `latest` or the best one)
     log_every: int = 10
     seed: int = 0
+    nonfinite: str = "stop"  # a skipped (non-finite) step: stop the run, or skip it and go on
+    max_skipped_share: float = 0.5  # stop when more of the last skip_window steps (or of the run) were skipped
+    skip_window: int = 50
 
 
 @dataclass
@@ -391,6 +398,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
     from mapsage_ds.optim.schedule import SCHEDULES
     from mapsage_ds.tasks.factory import TASKS
     from mapsage_ds.tasks.teacher import PRECISIONS
+    from mapsage_ds.training.trainer import NONFINITE_POLICIES
 
     return {
         "data.source": SOURCES,
@@ -402,6 +410,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
         "task": TASKS,
         "teacher.precision": ("auto", *PRECISIONS),
         "distill.feature_loss": FEATURE_LOSSES,
+        "train.nonfinite": NONFINITE_POLICIES,
     }
 
 
@@ -422,6 +431,8 @@ def validate(config: Config) -> None:
         "train.save_every": config.train.save_every,
         "train.log_every": config.train.log_every,
         "train.keep_checkpoints": config.train.keep_checkpoints,
+        "train.skip_window": config.train.skip_window,
+        "train.max_skipped_share": config.train.max_skipped_share,
         "data.crop_size": config.data.crop_size,
         "eval.batch_size": config.eval.batch_size,
         "optim.lr": config.optim.lr,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,8 @@ from mapsage_ds.runtime.network import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
+# The data-validation cache of the session's generated trees stays out of the user's ~/.cache.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="mapsage-tests-cache-")
 TINY_SPEC = SyntheticSpec(size=128, train_per_scene=4, val_per_scene=3, test_per_scene=1, nodata_fraction=0.5, seed=3)
 
 
@@ -48,6 +52,18 @@ def write_config(path: Path, config: dict) -> Path:
     """Write a config dict as a YAML file for ``--config``."""
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def crashed_copy(run_dir: Path, copy: Path, *, step: int) -> Path:
+    """``run_dir`` copied to ``copy`` as a crash right after its step-``step`` checkpoint would leave it.
+
+    'latest' names that checkpoint, later ones count as half written, the log runs ahead of the
+    checkpoint, and there is no export yet. A resumed run must end as ``run_dir`` did.
+    """
+    shutil.copytree(run_dir, copy)
+    shutil.rmtree(copy / "export")
+    (copy / "checkpoints" / "latest").write_text(f"step_{step:08d}")
+    return copy
 
 
 def subprocess_env() -> dict[str, str]:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import SegformerForSemanticSegmentation
 
-from conftest import launch, tiny_run_config, write_config
+from conftest import crashed_copy, launch, tiny_run_config, write_config
 from mapsage_ds.data.classes import LOVEDA_CLASSES
 from mapsage_ds.losses import build_loss
 from mapsage_ds.models.dinov3 import DINOv3Segmenter, dinov3_config
@@ -84,8 +83,7 @@ def test_full_recipe_two_processes_resumes_exactly_and_exports_the_plain_model(t
     full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
     launch("finetune.py", ["--config", str(write_config(tmp_path / "full.yaml",
                                                         tiny_run_config(tiny_tree, full_dir, **sections)))], nproc=2)
-    shutil.copytree(full_dir / "checkpoints" / "step_00000002", resumed_dir / "checkpoints" / "step_00000002")
-    (resumed_dir / "checkpoints" / "latest").write_text("step_00000002")
+    crashed_copy(full_dir, resumed_dir, step=2)
     launch("finetune.py", ["--config", str(write_config(tmp_path / "resumed.yaml",
                                                         tiny_run_config(tiny_tree, resumed_dir, **sections))),
                            "--resume"], nproc=2)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 
 import pytest
 from safetensors.torch import load_file
 
-from conftest import REPO, launch, tiny_run_config, write_config
+from conftest import REPO, crashed_copy, launch, tiny_run_config, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -20,9 +19,7 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_run(tmp_path, tiny_tree):
     full_cfg = write_config(tmp_path / "full.yaml", tiny_run_config(tiny_tree, full_dir, train=train))
     launch("finetune.py", ["--config", str(full_cfg)], nproc=2, launcher="deepspeed")
 
-    # Simulate a crash right after the step-3 checkpoint: only that checkpoint survives.
-    shutil.copytree(full_dir / "checkpoints" / "step_00000003", resumed_dir / "checkpoints" / "step_00000003")
-    (resumed_dir / "checkpoints" / "latest").write_text("step_00000003")
+    crashed_copy(full_dir, resumed_dir, step=3)
     resumed_cfg = write_config(tmp_path / "resumed.yaml", tiny_run_config(tiny_tree, resumed_dir, train=train))
     launch("finetune.py", ["--config", str(resumed_cfg), "--resume"], nproc=2)
 
@@ -31,8 +28,9 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_run(tmp_path, tiny_tree):
     assert full.keys() == resumed.keys()
     mismatched = [k for k in full if not (full[k] == resumed[k]).all()]
     assert not mismatched, f"weights differ after resume: {mismatched[:5]}"
-    steps = [json.loads(line)["step"] for line in (resumed_dir / "metrics.jsonl").read_text().splitlines()]
-    assert min(steps) == 4 and max(steps) == 6
+    rows = [json.loads(line) for line in (resumed_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if row["kind"] == "train"] == [1, 2, 3, 4, 5, 6]  # each step once
+    assert sorted(p.name for p in (resumed_dir / "checkpoints").glob("step_*")) == ["step_00000003", "step_00000006"]
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path, tiny_tree):

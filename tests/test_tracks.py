@@ -102,7 +102,7 @@ def test_two_tracks_run_concurrently_are_scored_alike_and_survive_a_failing_trac
     rows = {row["name"]: row for row in board["tracks"]}
     assert [row["name"] for row in board["tracks"]][-1] == "broken"
     assert rows["broken"]["status"] == "failed" and rows["broken"]["failed_phase"] == "train"
-    assert "MissingFileError" in rows["broken"]["error"] and "no_such_root" in rows["broken"]["error"]
+    assert "error: LoveDA root not found" in rows["broken"]["error"] and "no_such_root" in rows["broken"]["error"]
 
     statuses = {name: json.loads((out / name / "status.json").read_text()) for name in ("a", "b")}
     ports = {s["master_port"] for s in statuses.values()}

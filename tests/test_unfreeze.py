@@ -10,7 +10,7 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from safetensors.torch import load_file
 
-from conftest import launch, tiny_run_config, write_config
+from conftest import crashed_copy, launch, tiny_run_config, write_config
 from mapsage_ds.data.classes import LOVEDA_CLASSES
 from mapsage_ds.data.loaders import TransformedDataset
 from mapsage_ds.data.loveda import LoveDA
@@ -81,10 +81,8 @@ def test_resume_mid_plan_restores_the_phase_and_reproduces_the_run(tmp_path, tin
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     launch("finetune.py", ["--config", str(write_config(
         tmp_path / "full.yaml", _run_config(tiny_tree, full, backbone_dir, "zero2_fp32")))], nproc=2)
-    # Keep only the step-4 checkpoint (after the boundary at 3) and continue from it.
-    (resumed / "checkpoints").mkdir(parents=True)
-    (full / "checkpoints" / "step_00000004").rename(resumed / "checkpoints" / "step_00000004")
-    (resumed / "checkpoints" / "latest").write_text("step_00000004")
+    # Continue from the step-4 checkpoint (after the boundary at 3).
+    crashed_copy(full, resumed, step=4)
     launch("finetune.py", ["--resume", "--config", str(write_config(
         tmp_path / "resumed.yaml", _run_config(tiny_tree, resumed, backbone_dir, "zero2_fp32")))], nproc=2)
     for name in ("model.safetensors", "head.safetensors"):

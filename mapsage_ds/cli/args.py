@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from mapsage_ds.config import Config, load_config, recipe_names
 from mapsage_ds.data.classes import LOVEDA_CLASSES
-from mapsage_ds.errors import ConfigError
+from mapsage_ds.errors import ConfigError, MissingFileError, raised_on_every_rank
 from mapsage_ds.evaluation.protocol import FLIPS, MODES, EvalProtocol
 from mapsage_ds.evaluation.sources import build_predictor, build_refiner, parse_ensemble
 from mapsage_ds.runtime.accelerator import ACCELERATORS
@@ -21,6 +22,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, default_recipe: str
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one field, e.g. --set optim.lr=1e-4 (repeatable)")
     parser.add_argument("--data-root", default=None, help="shortcut for --set data.root=PATH")
+    parser.add_argument("--generate-data", action="store_true",
+                        help="recipes with generated data (data.synthetic): generate it at --data-root too, not only "
+                             "at the recipe's own data.root (shortcut for --set data.generate=true)")
     parser.add_argument("--output-dir", default=None, help="shortcut for --set output_dir=PATH")
     parser.add_argument("--accelerator", default=None,
                         help=f"device type: {' | '.join(ACCELERATORS)} (default: $MAPSAGE_ACCELERATOR, "
@@ -29,13 +33,20 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, default_recipe: str
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
+@raised_on_every_rank()
 def config_from_args(args: argparse.Namespace, *, default_recipe: str | None,
                      extra_overrides: list[str] = ()) -> Config:
-    """Resolve the run config the arguments describe (``extra_overrides`` come before ``--set``)."""
+    """Resolve the run config the arguments describe (``extra_overrides`` come before ``--set``).
+
+    Every rank resolves the same arguments before any process group exists, so its errors are
+    printed by rank 0 alone (:func:`~mapsage_ds.errors.raised_on_every_rank`).
+    """
     recipe = args.recipe or (default_recipe if args.config is None else None)
     overrides = [*extra_overrides, *args.overrides]
     if args.data_root is not None:
         overrides.append(f"data.root={json.dumps(args.data_root)}")
+    if args.generate_data:
+        overrides.append("data.generate=true")
     if args.output_dir is not None:
         overrides.append(f"output_dir={json.dumps(args.output_dir)}")
     return load_config(recipe=recipe, config_file=args.config, overrides=overrides)
@@ -78,6 +89,7 @@ def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--boundary-dilation-ratio", type=float, default=None)
 
 
+@raised_on_every_rank()
 def protocol_overrides(args: argparse.Namespace) -> list[str]:
     """The ``eval.*`` overrides the protocol shorthands given on the command line stand for.
 
@@ -126,8 +138,9 @@ def _float_list(text: str, flag: str) -> tuple[float, ...]:
         raise ConfigError(f"{flag} {text!r}: expected comma-separated numbers") from error
 
 
+@raised_on_every_rank()
 def check_source_arguments(args: argparse.Namespace, protocol: EvalProtocol) -> None:
-    """Fail before any process group exists on inconsistent model/refinement arguments."""
+    """Fail before any process group exists on inconsistent model/refinement arguments or a missing model."""
     sources = [name for name, given in (("--model", args.model), ("--checkpoint", args.checkpoint),
                                         ("--ensemble / eval.ensemble", protocol.ensemble)) if given]
     if len(sources) != 1:
@@ -139,6 +152,9 @@ def check_source_arguments(args: argparse.Namespace, protocol: EvalProtocol) -> 
         raise ConfigError("--tag only applies with --checkpoint")
     if args.sam_model is not None and args.refine != "sam":
         raise ConfigError("--sam-model given without --refine sam")
+    for flag, path in (("--model", args.model), ("--checkpoint", args.checkpoint)):
+        if path is not None and not Path(path).is_dir():
+            raise MissingFileError(f"{flag} {path}: no such directory")
 
 
 def build_predictor_from_args(args: argparse.Namespace, config: Config, *, device, protocol: EvalProtocol):

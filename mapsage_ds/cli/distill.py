@@ -54,7 +54,8 @@ def ensure_teacher(config: Config, ctx: DistributedContext) -> Config:
         if ctx.is_main:
             print(f"teacher.path is not set: training a DINOv3 '{teacher_config.model.size}' teacher for "
                   f"{teacher_config.train.max_steps} steps into {export} (demo bootstrap)", flush=True)
-        run_finetune(teacher_config, ctx)
+        # A derived artefact: an unfinished earlier bootstrap in its folder is replaced.
+        run_finetune(teacher_config, ctx, overwrite=True)
     return dataclasses.replace(config, teacher=dataclasses.replace(config.teacher, path=str(export)))
 
 
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> SegmentationMetrics:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser, default_recipe=DEFAULT_RECIPE)
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run already in output_dir (its checkpoints, exports and logs are deleted)")
     args = parser.parse_args(argv)
     config = config_from_args(args, default_recipe=DEFAULT_RECIPE)
     if config.task != "distill":
@@ -72,7 +75,7 @@ def main(argv: list[str] | None = None) -> SegmentationMetrics:
         raise ConfigError("teacher.path is not set: pass --set teacher.path=RUN/export (a MapSage export)")
     ctx = setup_distributed(args.accelerator)
     try:
-        return run_finetune(ensure_teacher(config, ctx), ctx, resume=args.resume)
+        return run_finetune(ensure_teacher(config, ctx), ctx, resume=args.resume, overwrite=args.overwrite)
     finally:
         teardown_distributed()
 

@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> SegmentationMetrics | None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser, default_recipe=DEFAULT_RECIPE)
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run already in output_dir (its checkpoints, exports and logs are deleted)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved config, parameter counts, param groups and memory plan; no training")
     parser.add_argument("--cards", type=int, default=None, help="--dry-run: cards to plan for (default: WORLD_SIZE)")
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> SegmentationMetrics | None:
         return None
     ctx = setup_distributed(args.accelerator)
     try:
-        return run_finetune(config, ctx, resume=args.resume)
+        return run_finetune(config, ctx, resume=args.resume, overwrite=args.overwrite)
     finally:
         teardown_distributed()
 

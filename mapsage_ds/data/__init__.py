@@ -16,6 +16,7 @@ from mapsage_ds.data.synthetic import (
     generate_loveda_tree,
     write_loveda_sample,
 )
+from mapsage_ds.data.validation import ValidationReport, validate_dataset
 
 # data.source: a LoveDA folder tree, or a local Hugging Face datasets dataset (save_to_disk or parquet).
 SOURCES = ("loveda", "hf")
@@ -29,10 +30,12 @@ __all__ = [
     "HFSegmentationDataset",
     "LoveDA",
     "SyntheticSpec",
+    "ValidationReport",
     "check_index_mask",
     "encode_loveda_mask",
     "ensure_synthetic_tree",
     "generate_loveda_tree",
     "load_local_dataset",
+    "validate_dataset",
     "write_loveda_sample",
 ]

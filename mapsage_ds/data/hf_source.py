@@ -7,7 +7,9 @@ either source feeds the same transforms, loss and metric.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from torch.utils.data import Dataset
 
 from mapsage_ds.data.classes import check_index_mask, encode_loveda_mask
 from mapsage_ds.data.loveda import decode_mask, decode_rgb, image_to_tensor, mask_to_tensor
+from mapsage_ds.data.validation import CheckItem, file_stamp
 from mapsage_ds.errors import ConfigError, DataError, MissingFileError
 
 MASK_ENCODINGS: dict[str, Callable[[np.ndarray, str], np.ndarray]] = {
@@ -152,6 +155,8 @@ class HFSegmentationDataset(Dataset):
         if mask_encoding not in MASK_ENCODINGS:
             raise ConfigError(f"mask_encoding {mask_encoding!r} is unknown; expected one of {list(MASK_ENCODINGS)}")
         self.path = Path(path)
+        self.split = split
+        self.mask_encoding = mask_encoding
         data = load_local_dataset(self.path, split=split, cache_dir=cache_dir)
         for column in (image_column, mask_column):
             if column is not None and column not in data.column_names:
@@ -171,6 +176,28 @@ class HFSegmentationDataset(Dataset):
             if column is not None and isinstance(data.features[column], datasets.Image):
                 data = data.cast_column(column, datasets.Image(decode=False))
         return data
+
+    def validation_scope(self) -> str:
+        """The cache scope of :func:`~mapsage_ds.data.validation.validate_dataset`: the resolved path and split."""
+        return f"hf {self.path.resolve()} {self.split}"
+
+    def _content_stamp(self) -> str:
+        """A stamp of everything a row's check depends on: fingerprint, files, columns and encoding."""
+        files = [Path(f["filename"]) for f in self.data.cache_files]
+        files += [self.path] if self.path.is_file() else sorted(p for p in self.path.rglob("*") if p.is_file())
+        content = {
+            "fingerprint": self.data._fingerprint,
+            "files": {str(f): file_stamp(f) for f in dict.fromkeys(files)},
+            "columns": [self.image_column, self.mask_column],
+            "mask_encoding": self.mask_encoding,
+        }
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:32]
+
+    def check_items(self) -> list[CheckItem]:
+        """Every row, decoded through ``__getitem__``; all rows share one stamp of the dataset's content."""
+        stamp = self._content_stamp()
+        return [CheckItem(key=f"row {i}", stamp=stamp, source=f"{self.path} row {i}",
+                          check=lambda i=i: self[i]) for i in range(len(self))]
 
     def __len__(self) -> int:
         return len(self.data)

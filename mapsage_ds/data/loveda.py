@@ -16,6 +16,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from mapsage_ds.data.classes import encode_loveda_mask
+from mapsage_ds.data.validation import CheckItem, file_stamp
 from mapsage_ds.errors import ConfigError, DataError, MissingFileError
 
 SPLITS: tuple[str, ...] = ("Train", "Val", "Test")
@@ -190,8 +191,7 @@ class LoveDA(Dataset):
         self.scenes = scenes
         self.has_masks = split != "Test"
         self.samples = self._find_samples()
-        for sample in self.samples:
-            self._check_headers(sample)
+        self._check_all_headers()
         if check_labels:
             for sample in self.samples:
                 self._load_mask(sample)
@@ -217,6 +217,22 @@ class LoveDA(Dataset):
             raise MissingFileError(f"{len(missing)} LoveDA {self.split} image(s) have no mask: {listed}{more}")
         return samples
 
+    def _check_all_headers(self) -> None:
+        # Every file is checked before raising: an interrupted copy leaves many empty files, not one.
+        problems: list[DataError] = []
+        for sample in self.samples:
+            try:
+                self._check_headers(sample)
+            except DataError as err:
+                problems.append(err)
+        if len(problems) == 1:
+            raise problems[0]
+        if problems:
+            listed = "; ".join(str(p) for p in problems[:_MAX_LISTED_FILES])
+            more = f"; and {len(problems) - _MAX_LISTED_FILES} more" if len(problems) > _MAX_LISTED_FILES else ""
+            raise DataError(f"{len(problems)} LoveDA {self.split} samples have unreadable or mismatched files: "
+                            f"{listed}{more}")
+
     @staticmethod
     def _check_headers(sample: _Sample) -> None:
         image_mode, image_size = _read_header(sample.image)
@@ -234,6 +250,21 @@ class LoveDA(Dataset):
     @staticmethod
     def _load_mask(sample: _Sample) -> np.ndarray:
         return encode_loveda_mask(read_mask_file(sample.mask), str(sample.mask))
+
+    def validation_scope(self) -> str:
+        """The cache scope of :func:`~mapsage_ds.data.validation.validate_dataset`: the resolved root and split."""
+        return f"loveda {self.root.resolve()} {self.split}"
+
+    def check_items(self) -> list[CheckItem]:
+        """Every image and mask file, keyed by its path under the root and stamped with its size and mtime."""
+        items = []
+        for sample in self.samples:
+            files = [(sample.image, lambda s=sample: read_rgb_file(s.image))]
+            if sample.mask is not None:
+                files.append((sample.mask, lambda s=sample: self._load_mask(s)))
+            items += [CheckItem(key=path.relative_to(self.root).as_posix(), stamp=file_stamp(path),
+                                source=str(path), check=check) for path, check in files]
+        return items
 
     def __len__(self) -> int:
         return len(self.samples)

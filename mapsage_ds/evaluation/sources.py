@@ -22,7 +22,9 @@ from mapsage_ds.evaluation.predictor import Ensemble, Predictor
 from mapsage_ds.evaluation.protocol import EnsembleMember, EvalProtocol, RefineSettings
 from mapsage_ds.models import load_exported
 from mapsage_ds.models.factory import BuiltModel
+from mapsage_ds.runtime.checkpoint import latest_tag, verify_checkpoint
 from mapsage_ds.tasks import SegmentationTask
+from mapsage_ds.training.run_dir import read_run_id
 
 __all__ = ["build_predictor", "build_refiner", "load_checkpoint_model", "parse_ensemble"]
 
@@ -60,6 +62,7 @@ def load_checkpoint_model(checkpoint_dir: str | Path, *, built: BuiltModel, tag:
 
     Raises:
         MissingFileError: If the directory or its ``latest`` tag is missing.
+        CheckpointError: If the checkpoint fails :func:`~mapsage_ds.runtime.checkpoint.verify_checkpoint`.
         ConfigError: If the checkpoint's tensors do not fit the network.
     """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -71,6 +74,9 @@ def load_checkpoint_model(checkpoint_dir: str | Path, *, built: BuiltModel, tag:
         raise MissingFileError(f"--checkpoint {checkpoint_dir}: no 'latest' file; pass --tag")
     if tag is not None and not (checkpoint_dir / tag).is_dir():
         raise MissingFileError(f"--checkpoint {checkpoint_dir}: no tag directory {tag}")
+    # DeepSpeed's reader unpickles: only a checkpoint its own run wrote, unchanged since, gets there.
+    tag = tag or latest_tag(checkpoint_dir)
+    verify_checkpoint(checkpoint_dir / tag, run_id=read_run_id(checkpoint_dir.parent))
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
     # The engine wraps SegmentationTask: the network lives under "model.", training-only parts
     # (an auxiliary boundary head) beside it.

@@ -19,7 +19,7 @@ from transformers.modeling_outputs import SemanticSegmenterOutput
 
 from mapsage_ds.errors import ConfigError, MissingFileError
 from mapsage_ds.models.normalization import SATELLITE_MEAN, SATELLITE_STD
-from mapsage_ds.models.weights import KeyReport
+from mapsage_ds.models.weights import KeyReport, load_safetensors
 
 __all__ = ["DINOV3_PRESETS", "SATELLITE_MEAN", "SATELLITE_STD", "DINOv3Segmenter", "FusionHead", "dinov3_config",
            "dinov3_layer_id", "load_dinov3_export"]
@@ -193,8 +193,6 @@ class DINOv3Segmenter(nn.Module):
 
 def load_dinov3_export(path: str | Path) -> DINOv3Segmenter:
     """Rebuild a :class:`DINOv3Segmenter` from an export directory (backbone + head files)."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     head = json.loads((path / HEAD_CONFIG).read_text())
     config = DINOv3ViTConfig.from_pretrained(str(path))
@@ -202,7 +200,7 @@ def load_dinov3_export(path: str | Path) -> DINOv3Segmenter:
                             head_channels=head["head_channels"], pretrained=str(path))
     if model.backbone_report.missing or model.backbone_report.unexpected:
         raise MissingFileError(f"{path}: backbone weights incomplete\n{model.backbone_report.summary()}")
-    model.head.load_state_dict(load_file(str(path / HEAD_WEIGHTS)), strict=True)
+    model.head.load_state_dict(load_safetensors(path / HEAD_WEIGHTS), strict=True)
     return model
 
 

@@ -18,16 +18,18 @@ from typing import Any
 
 import deepspeed
 import torch
-import torch.distributed as dist
 import yaml
 from deepspeed.utils import safe_get_full_fp32_param
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel, SegformerImageProcessor
 
-from mapsage_ds.errors import MapSageError
+from mapsage_ds.errors import MapSageError, StorageError
+from mapsage_ds.files import human_bytes
 from mapsage_ds.models.dinov3 import HEAD_CONFIG, HEAD_WEIGHTS, DINOv3Segmenter
 from mapsage_ds.models.normalization import DECISION_FIELD
+from mapsage_ds.runtime.failures import raise_if_any_failed
 
 
 def gather_full_state_dict(model: nn.Module, *, stage: int) -> dict[str, torch.Tensor]:
@@ -68,6 +70,29 @@ def write_hf_export(
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        _write_staging(model, state_dict, staging, image_mean=image_mean, image_std=image_std, run_config=run_config)
+    except (OSError, RuntimeError, SafetensorError) as error:  # neither library raises OSError on a full disk
+        shutil.rmtree(staging, ignore_errors=True)
+        needed = sum(t.numel() * t.element_size() for t in state_dict.values())
+        free = shutil.disk_usage(out_dir.parent).free
+        raise StorageError(f"writing the export {out_dir} failed: {error}. {human_bytes(free)} free on that file "
+                           f"system; the export needs about {human_bytes(needed)}. Nothing was replaced"
+                           f"{f' ({out_dir} is the previous export)' if out_dir.exists() else ''}") from error
+    if out_dir.exists():
+        retired = out_dir.with_name(f".{out_dir.name}.old")
+        shutil.rmtree(retired, ignore_errors=True)
+        os.replace(out_dir, retired)
+        os.replace(staging, out_dir)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staging, out_dir)
+    return out_dir
+
+
+def _write_staging(model: PreTrainedModel | DINOv3Segmenter, state_dict: dict[str, torch.Tensor], staging: Path, *,
+                   image_mean: tuple[float, ...], image_std: tuple[float, ...],
+                   run_config: dict[str, Any] | None) -> None:
     # save_pretrained writes the hub key layout, which can differ from the in-memory names
     # (transformers 5 renamed SegFormer's modules but keeps checkpoints loadable by 4.x).
     if isinstance(model, DINOv3Segmenter):
@@ -82,15 +107,6 @@ def write_hf_export(
     _record_normalization(staging / "preprocessor_config.json", model, image_mean, image_std)
     if run_config is not None:
         (staging / "mapsage_config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
-    if out_dir.exists():
-        retired = out_dir.with_name(f".{out_dir.name}.old")
-        shutil.rmtree(retired, ignore_errors=True)
-        os.replace(out_dir, retired)
-        os.replace(staging, out_dir)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.replace(staging, out_dir)
-    return out_dir
 
 
 def _write_dinov3(model: DINOv3Segmenter, state_dict: dict[str, torch.Tensor], staging: Path) -> None:
@@ -137,6 +153,11 @@ def export_model(
 ) -> Path | None:
     """Gather on every rank, write on rank 0, then wait for it; returns the path on rank 0."""
     state_dict = gather_full_state_dict(model, stage=stage)
-    path = write_hf_export(model, state_dict, out_dir, **metadata) if is_main else None
-    dist.barrier()
+    path, error = None, None
+    if is_main:
+        try:
+            path = write_hf_export(model, state_dict, out_dir, **metadata)
+        except StorageError as failure:
+            error = failure
+    raise_if_any_failed(error)  # also the barrier that makes the export visible to every rank
     return path

@@ -33,7 +33,7 @@ from mapsage_ds.models.segformer import (
     segformer_config_from_checkpoint,
     segformer_layer_id,
 )
-from mapsage_ds.models.weights import KeyReport, load_pretrained_state, to_module_names
+from mapsage_ds.models.weights import KeyReport, check_safetensors, load_pretrained_state, to_module_names
 
 ARCHITECTURES = ("segformer", "dinov3")
 
@@ -230,6 +230,7 @@ def load_exported(path: str | Path) -> tuple[nn.Module, Normalize]:
     for name in ("config.json", "model.safetensors", "preprocessor_config.json"):
         if not (path / name).is_file():
             raise MissingFileError(f"{path} is not a MapSage export: {name} is missing")
+    check_safetensors(path)
     if (path / HEAD_CONFIG).is_file():
         model = load_dinov3_export(path)
     else:

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -71,7 +70,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if path.is_dir():
         return _read_hf_directory(path)
     if path.suffix == ".safetensors":
-        return _load_safetensors(path)
+        return load_safetensors(path)
     if path.suffix in (".pth", ".pt", ".bin"):
         from mapsage_ds.models.convert.safe_pickle import load_checkpoint
 
@@ -79,22 +78,55 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     raise DataError(f"{path}: unknown weights format; expected a directory, .safetensors, .pth, .pt or .bin")
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def open_safetensors(path: str | Path, *, device: str = "cpu") -> safe_open:
+    """A ``safe_open`` handle on ``path``: its header is read and checked, its tensors memory-mapped.
+
+    The one place this project opens a ``.safetensors`` file: the library's own error (``header too
+    large``) names no file.
+
+    Raises:
+        MissingFileError: ``path`` does not exist.
+        DataError: ``path`` is not a valid safetensors file (the library's reason is in the message),
+            or cannot be read.
+    """
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as error:
-        raise DataError(f"{path}: not a readable safetensors file ({error})") from error
+        return safe_open(str(path), framework="pt", device=device)
+    except FileNotFoundError as error:
+        raise MissingFileError(f"safetensors file not found: {path}") from error
+    except SafetensorError as error:
+        raise DataError(f"{path}: not a valid safetensors file ({error})") from error
+    except OSError as error:  # a directory, no read permission
+        raise DataError(f"{path}: cannot be read as a safetensors file ({error})") from error
+
+
+def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a ``.safetensors`` file, on the CPU (errors as :func:`open_safetensors`)."""
+    with open_safetensors(path) as handle:
+        return {name: handle.get_tensor(name) for name in handle.keys()}
+
+
+def check_safetensors(directory: str | Path) -> None:
+    """Check the header of every ``.safetensors`` file in ``directory`` before transformers reads them.
+
+    ``from_pretrained`` lets the library's error through without the file's name.
+
+    Raises:
+        DataError: one of them is not a valid safetensors file.
+    """
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        with open_safetensors(file):
+            pass
 
 
 def _read_hf_directory(path: Path) -> dict[str, torch.Tensor]:
     single, index = path / "model.safetensors", path / "model.safetensors.index.json"
     if single.is_file():
-        return load_file(str(single))
+        return load_safetensors(single)
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         state: dict[str, torch.Tensor] = {}
         for shard in shards:
-            state.update(load_file(str(path / shard)))
+            state.update(load_safetensors(path / shard))
         return state
     if (path / "pytorch_model.bin").is_file():
         return read_state_dict(path / "pytorch_model.bin")
@@ -109,7 +141,7 @@ def checkpoint_keys(path: str | Path) -> list[str]:
         return list(read_state_dict(path))
     keys: list[str] = []
     for file in files:
-        with safe_open(str(file), framework="pt") as handle:
+        with open_safetensors(file) as handle:
             keys.extend(handle.keys())
     return keys
 

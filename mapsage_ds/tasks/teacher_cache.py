@@ -32,11 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mapsage_ds.data.loaders import TrainStream, sample_seed
 from mapsage_ds.errors import DataError, MissingFileError
+from mapsage_ds.models.weights import open_safetensors
 from mapsage_ds.tasks.teacher import FrozenTeacher, TeacherOutputs
 
 CACHE_VERSION = 1
@@ -139,7 +139,7 @@ class TeacherCache:
         manifest = self.directory / MANIFEST
         if not manifest.is_file():
             raise MissingFileError(f"teacher cache {self.directory} is incomplete ({MANIFEST} is missing)")
-        self._handles = [safe_open(str(self.directory / name), framework="pt", device="cpu")
+        self._handles = [open_safetensors(self.directory / name)
                          for name in json.loads(manifest.read_text())["shards"]]
         self._where = {key: handle for handle in self._handles for key in handle.keys()}
 

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from mapsage_ds.builders import check_generation_root
 from mapsage_ds.config import load_config, read_yaml
 from mapsage_ds.data.synthetic import ensure_synthetic_tree
 from mapsage_ds.errors import MapSageError
@@ -171,6 +172,7 @@ class TrackRunner:
             status.data_root = str(self.config.evaluation.data_root or resolved.data.root)
             if resolved.data.synthetic is not None:
                 # Generated once here: tracks sharing the root would race to write it.
+                check_generation_root(resolved.data)
                 ensure_synthetic_tree(resolved.data.root, resolved.data.synthetic)
             port = self._port(track)
             launch = launch_command("finetune", [*args, "--accelerator", self.accelerator], nproc=track.nproc,
@@ -281,11 +283,14 @@ class TrackRunner:
         return data
 
 
-_EXCEPTION_LINE = re.compile(r"^(?:\[rank\d+\]:\s*)?((?:[\w.]+\.)?\w*(?:Error|Exception)\b.*)$")
+# A command's own report of a MapSageError ("error: ...", "[rank N] error: ...", see mapsage_ds.cli), or the
+# last line of an uncaught exception's traceback.
+_EXCEPTION_LINE = re.compile(
+    r"^(?:\[rank\d+\]:\s*)?((?:\[rank \d+\] )?error: .*|(?:[\w.]+\.)?\w*(?:Error|Exception)\b.*)$")
 
 
 def _cause(path: Path) -> str:
-    """The last exception line a process printed (the launcher's own wrapper error left aside)."""
+    """The last error line a process printed (the launcher's own wrapper error left aside)."""
     lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
     causes = [m.group(1) for m in map(_EXCEPTION_LINE.match, lines) if m and "ChildFailedError" not in m.group(1)]
     return causes[-1] if causes else "see the log"

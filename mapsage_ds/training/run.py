@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from mapsage_ds.builders import (
     build_dataset,
@@ -16,10 +17,12 @@ from mapsage_ds.builders import (
     build_train_transform,
     prepare_data_root,
     unfreeze_plan,
+    validate_data,
 )
 from mapsage_ds.config import Config, save_resolved, to_dict
 from mapsage_ds.data.classes import IGNORE_INDEX, LOVEDA_CLASSES
 from mapsage_ds.data.loaders import TransformedDataset
+from mapsage_ds.errors import MapSageError
 from mapsage_ds.evaluation.loop import run_evaluation
 from mapsage_ds.evaluation.metrics import SegmentationMetrics
 from mapsage_ds.evaluation.predictor import Predictor
@@ -31,16 +34,63 @@ from mapsage_ds.optim import LRSchedule
 from mapsage_ds.runtime import checkpoint
 from mapsage_ds.runtime.accelerator import DistributedContext
 from mapsage_ds.runtime.engine import average_buffers, compute_dtype, zero_stage
+from mapsage_ds.runtime.failures import raise_if_any_failed
 from mapsage_ds.tasks import build_task, finish_task
+from mapsage_ds.training.run_dir import OwnedRunDirectory, claim_output_dir
 from mapsage_ds.training.run_log import RunLogger
-from mapsage_ds.training.trainer import Trainer
+from mapsage_ds.training.trainer import NonFinitePolicy, Trainer
 
 
-def run_finetune(config: Config, ctx: DistributedContext, *, resume: bool = False) -> SegmentationMetrics:
-    """Train, evaluate and export as ``config`` says; returns the final validation metrics."""
-    output_dir = Path(config.output_dir)
+def _broadcast(value: object) -> object:
+    """Rank 0's ``value`` on every rank."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def run_finetune(config: Config, ctx: DistributedContext, *, resume: bool = False,
+                 overwrite: bool = False) -> SegmentationMetrics:
+    """Train, evaluate and export as ``config`` says; returns the final validation metrics.
+
+    The output directory is held for the whole run (:func:`claim_run_directory`); ``resume``
+    continues the run it holds, ``overwrite`` replaces it.
+    """
+    owned = claim_run_directory(Path(config.output_dir), ctx, resume=resume, overwrite=overwrite)
+    try:
+        return _run(config, ctx, owned, resume=resume)
+    finally:
+        if owned is not None:
+            owned.release()
+
+
+def claim_run_directory(output_dir: Path, ctx: DistributedContext, *, resume: bool,
+                        overwrite: bool) -> OwnedRunDirectory | None:
+    """Rank 0 locks ``output_dir`` and checks whose outputs it holds; every rank stops if that fails.
+
+    Returns the held directory on rank 0 and None elsewhere. On resume, checkpoint folders an
+    interrupted save left behind are removed and ``metrics.jsonl`` is cut back later, when the
+    logger opens it.
+    """
+    owned, error = None, None
     if ctx.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            owned = claim_output_dir(output_dir, resume=resume, overwrite=overwrite)
+            for note in owned.notes:
+                print(note, flush=True)
+            if resume:
+                for folder in checkpoint.remove_incomplete(output_dir / "checkpoints"):
+                    print(f"removed {folder}: an incomplete checkpoint left by an interrupted save", flush=True)
+        except MapSageError as failure:
+            error = failure
+    raise_if_any_failed(error)
+    return owned
+
+
+def _run(config: Config, ctx: DistributedContext, owned: OwnedRunDirectory | None, *,
+         resume: bool) -> SegmentationMetrics:
+    output_dir = Path(config.output_dir)
+    run_id = _broadcast(owned.run_id if owned else None)
+    if ctx.is_main:
         save_resolved(config, output_dir / "config.yaml")
     torch.manual_seed(config.train.seed + ctx.rank)
     class_names = list(LOVEDA_CLASSES)
@@ -53,6 +103,7 @@ def run_finetune(config: Config, ctx: DistributedContext, *, resume: bool = Fals
         enable_activation_checkpointing(model)
 
     prepare_data_root(config.data, ctx)
+    validate_data(config.data, ctx)
     train_data = TransformedDataset(build_dataset(config.data, config.data.train_split),
                                     build_train_transform(config.data, normalize), seed=config.train.seed)
     # Raw uint8 images: the predictor normalises them, exactly as mapsage-evaluate does.
@@ -98,7 +149,8 @@ def run_finetune(config: Config, ctx: DistributedContext, *, resume: bool = Fals
         if ctx.is_main:
             write_json(output_dir / name / "metrics.json", {"step": step, **metrics.to_dict()})
 
-    logger = RunLogger(output_dir, enabled=ctx.is_main, total_steps=config.train.max_steps)
+    logger = RunLogger(output_dir, enabled=ctx.is_main, total_steps=config.train.max_steps,
+                       resumed_step=start_step if resume else None)
     trainer = Trainer(
         engine=engine, schedule=schedule, stream=stream, evaluate=validate,
         on_new_best=lambda step, metrics: export_to("best", step, metrics), ctx=ctx,
@@ -106,7 +158,10 @@ def run_finetune(config: Config, ctx: DistributedContext, *, resume: bool = Fals
         grad_accum_steps=config.train.grad_accum_steps, eval_every=config.train.eval_every,
         save_every=config.train.save_every, log_every=config.train.log_every,
         keep_checkpoints=config.train.keep_checkpoints, client_config=to_dict(config),
-        unfreeze_plan=unfreeze_plan(config.unfreeze), rebuild_engine=engines.build,
+        unfreeze_plan=unfreeze_plan(config.unfreeze), rebuild_engine=engines.build, run_id=run_id,
+        nonfinite=NonFinitePolicy(on_nonfinite=config.train.nonfinite, max_skipped_share=config.train.max_skipped_share,
+                                  window=config.train.skip_window,
+                                  loss_scaling=compute_dtype(ds_config) == torch.float16),
     )
     if resume:
         trainer.resume()

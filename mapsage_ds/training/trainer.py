@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from mapsage_ds.data.loaders import TrainStream
-from mapsage_ds.errors import MapSageError
+from mapsage_ds.errors import TrainingError, on_every_rank
 from mapsage_ds.evaluation.metrics import SegmentationMetrics
 from mapsage_ds.optim.schedule import LRSchedule
 from mapsage_ds.optim.unfreeze import UnfreezePlan
@@ -31,6 +31,34 @@ class TrainState:
     best_miou: float = -math.inf
     best_step: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    skipped_steps: int = 0
+    recent_skips: list[int] = field(default_factory=list)  # 1 per skipped step, over the last skip window
+
+
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+@dataclass(frozen=True)
+class NonFinitePolicy:
+    """What a step whose update DeepSpeed skipped (non-finite gradients, an fp16 overflow) does to the run.
+
+    DeepSpeed checks the gradients of every rank for inf/NaN in the step's own reduction and skips
+    the update of all ranks together, so a non-finite loss on any rank is seen by every rank
+    without another collective.
+
+    Attributes:
+        on_nonfinite: ``stop`` ends the run at the first skipped step (except under fp16 loss
+            scaling, whose overflows are how the scale is found); ``skip`` counts and logs them.
+        max_skipped_share: in either mode, the run stops once more than this share of the last
+            ``window`` steps (or of the whole run, at its end) were skipped.
+        window: steps over which the share is counted.
+        loss_scaling: True under fp16 dynamic loss scaling.
+    """
+
+    on_nonfinite: str = "stop"
+    max_skipped_share: float = 0.5
+    window: int = 50
+    loss_scaling: bool = False
 
 
 @dataclass
@@ -56,13 +84,15 @@ class Trainer:
     log_every: int
     keep_checkpoints: int
     client_config: dict[str, Any]
+    run_id: str
+    nonfinite: NonFinitePolicy = field(default_factory=NonFinitePolicy)
     unfreeze_plan: UnfreezePlan = field(default_factory=UnfreezePlan)
     rebuild_engine: Callable[[int, deepspeed.DeepSpeedEngine], deepspeed.DeepSpeedEngine] | None = None
     state: TrainState = field(default_factory=TrainState)
 
     def resume(self) -> None:
         """Load the newest checkpoint: engine, RNG, step, data position and best score."""
-        client = checkpoint.load_checkpoint(self.engine, self.checkpoint_dir, ctx=self.ctx)
+        client = checkpoint.load_checkpoint(self.engine, self.checkpoint_dir, ctx=self.ctx, run_id=self.run_id)
         self.state = TrainState(**client["train_state"])
         self.stream.load_state_dict(client["data_position"])
         self.logger.message(f"resumed from step {self.state.step} ({self.checkpoint_dir})")
@@ -82,6 +112,7 @@ class Trainer:
             lr = self.schedule.apply(engine.optimizer, state.step)
             # "loss" and every named part the task returns ("loss_ce", "loss_dice", ...).
             loss_sums: dict[str, torch.Tensor] = {}
+            skipped_before = engine.skipped_steps
             for _ in range(self.grad_accum_steps):
                 batch = _to_device(next(self.stream), self.ctx.device)
                 outputs = engine(batch)
@@ -90,27 +121,58 @@ class Trainer:
                 for key in (k for k in outputs if k == "loss" or k.startswith("loss_")):
                     loss_sums[key] = loss_sums.get(key, 0.0) + outputs[key].detach().float()
             state.step += 1
+            skipped = engine.skipped_steps > skipped_before
+            self._count_skipped(skipped)
             if state.step % self.log_every == 0 or state.step == self.max_steps:
-                self._log_train(loss_sums, lr, images_per_step, started)
+                self._log_train(loss_sums, lr, images_per_step, started, skipped=skipped)
             if state.step % self.eval_every == 0 or state.step == self.max_steps:
                 self._validate()
             if state.step % self.save_every == 0 or state.step == self.max_steps:
                 self.save()
+        self._check_skipped_share(state.skipped_steps, state.step, "of the run's")
         return state
 
+    def _count_skipped(self, skipped: bool) -> None:
+        state, policy = self.state, self.nonfinite
+        state.recent_skips = [*state.recent_skips, int(skipped)][-policy.window:]
+        if not skipped:
+            return
+        state.skipped_steps += 1
+        latest = checkpoint.latest_tag(self.checkpoint_dir)
+        where = f"the last good checkpoint is {self.checkpoint_dir / latest}" if latest else "no checkpoint was saved"
+        if policy.on_nonfinite == "stop" and not policy.loss_scaling:
+            raise on_every_rank(TrainingError(
+                f"step {state.step}: non-finite loss or gradients on some rank; DeepSpeed skipped the update and "
+                f"train.nonfinite=stop ends the run ({where}). Lower optim.lr, check the data, or set "
+                f"train.nonfinite=skip to let isolated steps pass"))
+        self.logger.message(f"step {state.step}: update skipped (non-finite gradients); "
+                            f"{state.skipped_steps} skipped so far")
+        if len(state.recent_skips) == policy.window:
+            self._check_skipped_share(sum(state.recent_skips), policy.window, f"of the last {policy.window}")
+
+    def _check_skipped_share(self, skipped: int, steps: int, span: str) -> None:
+        if steps > 0 and skipped / steps > self.nonfinite.max_skipped_share:
+            latest = checkpoint.latest_tag(self.checkpoint_dir)
+            raise on_every_rank(TrainingError(
+                f"step {self.state.step}: {skipped} {span} {steps} steps were skipped (non-finite gradients), more "
+                f"than train.max_skipped_share={self.nonfinite.max_skipped_share}; the model is not training. "
+                f"Last good checkpoint: {self.checkpoint_dir / latest if latest else 'none'}"))
+
     def _log_train(self, loss_sums: dict[str, torch.Tensor], lr: float, images_per_step: int,
-                   started: float) -> None:
+                   started: float, *, skipped: bool) -> None:
         # One all-reduce for all parts; every rank's task returns the same keys (same config).
         names = sorted(loss_sums)
         totals = torch.stack([torch.as_tensor(loss_sums[k], device=self.ctx.device) for k in names])
         dist.all_reduce(totals)
         losses = dict(zip(names, (totals / (self.ctx.world_size * self.grad_accum_steps)).tolist()))
         loss_value = losses["loss"]
-        if not math.isfinite(loss_value):
-            raise MapSageError(f"training loss is {loss_value} at step {self.state.step}")
+        if not math.isfinite(loss_value) and not skipped:
+            raise on_every_rank(TrainingError(
+                f"step {self.state.step}: the training loss is {loss_value} but DeepSpeed applied the update "
+                f"(the gradients were finite); the task's loss is broken"))
         synchronize(self.ctx.device)
         images_per_second = images_per_step / (time.perf_counter() - started)
-        values = {**losses, "lr": lr, "images_per_s": images_per_second}
+        values = {**losses, "lr": lr, "images_per_s": images_per_second, "skipped_steps": self.state.skipped_steps}
         self.logger.log(self.state.step, "train", values)
         self.logger.advance(self.state.step, {"loss": loss_value, "lr": lr})
 
@@ -128,7 +190,7 @@ class Trainer:
 
     def save(self) -> None:
         """Checkpoint now (all ranks)."""
-        protect = {checkpoint.step_tag(self.state.best_step)} if self.state.best_step else set()
+        protect = {self.state.best_step} if self.state.best_step else set()
         client_state = {
             "train_state": vars(self.state).copy(),
             "data_position": self.stream.state_dict(),
@@ -136,7 +198,7 @@ class Trainer:
         }
         checkpoint.save_checkpoint(
             self.engine, self.checkpoint_dir, step=self.state.step, client_state=client_state,
-            ctx=self.ctx, keep=self.keep_checkpoints, protect=protect,
+            ctx=self.ctx, run_id=self.run_id, keep=self.keep_checkpoints, protect_steps=protect,
         )
 
 

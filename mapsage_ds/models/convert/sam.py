@@ -267,6 +267,9 @@ def _load_hf_directory(path: Path) -> SamModel:
         raise DataError(f"{config_file}: not a JSON object ({error})") from error
     if model_type != "sam":
         raise DataError(f"{config_file}: model_type={model_type!r}, expected 'sam'")
+    from mapsage_ds.models.weights import check_safetensors
+
+    check_safetensors(path)
     return SamModel.from_pretrained(str(path), local_files_only=True).eval()
 
 
