@@ -48,3 +48,42 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer, keys: Iterable[str] 
     """Bytes of the named per-parameter state tensors of a torch optimizer (Adam moments by default)."""
     keys = tuple(keys)
     return sum(tensor_bytes(state.get(key) for key in keys) for state in optimizer.state.values())
+
+
+class PeakAnonymousMemory:
+    """Peak growth of this process's anonymous resident memory (``RssAnon``) while the block runs.
+
+    Sampled every millisecond from ``/proc/self/status`` by a thread. Anonymous memory is what
+    tensors allocate; file pages (a memory-mapped safetensors file being read) are not counted.
+    Use: ``with PeakAnonymousMemory() as peak: ...; peak.growth`` (bytes above the level at entry).
+    """
+
+    def __init__(self, interval_s: float = 0.001) -> None:
+        self.interval_s, self.growth = interval_s, 0
+
+    @staticmethod
+    def current() -> int:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no RssAnon in /proc/self/status (Linux only)")
+
+    def __enter__(self) -> PeakAnonymousMemory:
+        import threading
+
+        self._start, self._peak, self._stop = self.current(), 0, threading.Event()
+
+        def sample() -> None:
+            while not self._stop.is_set():
+                self._peak = max(self._peak, self.current())
+                self._stop.wait(self.interval_s)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.growth = max(self._peak, self.current()) - self._start

@@ -10,8 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from mapsage_ds.builders import build_ds_config
+from mapsage_ds.config import load_config
 from mapsage_ds.errors import ConfigError, MissingFileError
-from mapsage_ds.runtime.engine import compute_dtype, ds_config_names, fill_ds_config, read_ds_config, zero_stage
+from mapsage_ds.runtime.engine import (
+    compute_dtype,
+    ds_config_names,
+    fill_ds_config,
+    fill_zero_comm,
+    read_ds_config,
+    zero_stage,
+)
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"  # the source tree
 PACKAGED = ds_config_names()
@@ -43,8 +52,8 @@ def _problems(config: dict, **geometry: object) -> list[str]:
 
 
 def test_the_packaged_configs_are_there() -> None:
-    # One per ZeRO stage and precision, plus the offload variant the docs mention.
-    assert {f"zero{s}_{p}" for s in (1, 2, 3) for p in ("bf16", "fp16", "fp32")} <= set(PACKAGED)
+    # One per ZeRO stage (0 = plain data parallelism) and precision, plus the offload variant the docs mention.
+    assert {f"zero{s}_{p}" for s in (0, 1, 2, 3) for p in ("bf16", "fp16", "fp32")} <= set(PACKAGED)
 
 
 @pytest.mark.parametrize("name", PACKAGED)
@@ -118,19 +127,69 @@ def test_all_kinds_of_problem_at_once() -> None:
         scheduler={"type": "WarmupLR"},
         bf16={"enabled": True},
         fp16={"enabled": True},
-        zero_optimization={"stage": 0},
+        zero_optimization={"stage": 4},
     )
     problems = _problems(config)
     starts = ["'scheduler'", "'optimizer'", "'train_micro_batch_size_per_gpu' is 4", "'gradient_clipping' is 1.0",
-              "'bf16' and 'fp16' are both enabled", "'zero_optimization.stage' is 0"]
+              "'bf16' and 'fp16' are both enabled", "'zero_optimization.stage' is 4"]
     for start in starts:
         assert sum(p.startswith(start) for p in problems) == 1, (start, problems)
     assert len(problems) == len(starts)
 
 
-def test_a_config_without_zero_section_is_rejected() -> None:
-    problems = _problems({})
-    assert problems == ["'zero_optimization.stage' is 0: expected 1, 2 or 3"]
+@pytest.mark.parametrize("config", [{}, {"zero_optimization": {"stage": 0}}])
+def test_stage_0_is_accepted_also_without_a_zero_section(config: dict) -> None:
+    # DeepSpeed reads a missing section as stage 0: plain data parallelism.
+    filled = fill_ds_config(config, **GEOMETRY)
+    assert zero_stage(filled) == 0 and filled["train_batch_size"] == GLOBAL_BATCH
+
+
+@pytest.mark.parametrize("stage", [4, -1, "2"])
+def test_an_unknown_stage_is_rejected(stage: object) -> None:
+    problems = _problems(_explicit(zero_optimization={"stage": stage}))
+    assert problems == [f"'zero_optimization.stage' is {stage!r}: expected one of 0, 1, 2, 3"]
+
+
+COMM_KEYS = ("overlap_comm", "contiguous_gradients", "reduce_bucket_size", "allgather_bucket_size")
+
+
+def test_packaged_configs_leave_the_communication_settings_to_the_accelerator() -> None:
+    for name in PACKAGED:
+        zero = read_ds_config(name)["zero_optimization"]
+        # ZeRO-3 keeps its own smaller reduce bucket (an explicit value, so it wins everywhere).
+        allowed = {"reduce_bucket_size"} if zero["stage"] == 3 else set()
+        assert set(COMM_KEYS) & set(zero) == allowed, name
+
+
+@pytest.mark.parametrize(("accelerator", "on"), [("cpu", False), ("cuda", True), ("gcu", True)])
+def test_communication_defaults_are_on_for_cards_and_off_for_cpu(accelerator: str, on: bool) -> None:
+    raw = read_ds_config("zero2_bf16")
+    zero = fill_zero_comm(raw, accelerator=accelerator)["zero_optimization"]
+    assert "overlap_comm" not in raw["zero_optimization"]  # the input is not modified
+    assert zero["stage"] == 2
+    assert zero["overlap_comm"] is on and zero["contiguous_gradients"] is on
+    # Cards: 2e8-element buckets (overlap keeps two alive); the CPU keeps DeepSpeed's 5e8.
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == (200_000_000 if on else 500_000_000)
+
+
+def test_an_explicit_communication_value_wins_over_the_accelerator_default(tmp_path: Path) -> None:
+    user = {"zero_optimization": {"stage": 2, "overlap_comm": False, "reduce_bucket_size": 12345}}
+    on_card = fill_zero_comm(user, accelerator="cuda")["zero_optimization"]
+    assert on_card["overlap_comm"] is False and on_card["reduce_bucket_size"] == 12345
+    assert on_card["contiguous_gradients"] is True and on_card["allgather_bucket_size"] == 200_000_000
+    on_cpu = fill_zero_comm({"zero_optimization": {"stage": 1, "contiguous_gradients": True}}, accelerator="cpu")
+    assert on_cpu["zero_optimization"]["contiguous_gradients"] is True
+    assert on_cpu["zero_optimization"]["overlap_comm"] is False
+    assert fill_zero_comm(read_ds_config("zero3_fp32"), accelerator="gcu")["zero_optimization"][
+        "reduce_bucket_size"] == 50_000_000
+    # The run's builder takes the accelerator in use, and a user's JSON file keeps its own values.
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(user))
+    for deepspeed, overlap in (("zero0_bf16", True), (str(path), False)):
+        config = load_config(overrides=["data.root=/x", f"train.deepspeed={deepspeed}"])
+        filled = build_ds_config(config.train, config.optim, world_size=2, accelerator="gcu")
+        assert filled["zero_optimization"]["overlap_comm"] is overlap
+        assert filled["train_batch_size"] == 2 * config.train.micro_batch_size * config.train.grad_accum_steps
 
 
 def test_world_size_enters_the_check() -> None:

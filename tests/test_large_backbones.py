@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import subprocess
+import sys
 
 import deepspeed
 import pytest
 import torch
+from memprobe import PeakAnonymousMemory
 
-from conftest import REPO
+from conftest import REPO, subprocess_env
 from mapsage_ds.data.classes import LOVEDA_CLASSES
+from mapsage_ds.data.transforms import Normalize
 from mapsage_ds.errors import DataError
 from mapsage_ds.models.dinov3 import DINOv3Segmenter, default_feature_layers, dinov3_config
+from mapsage_ds.models.export import write_hf_export
 from mapsage_ds.models.factory import build_model
 from mapsage_ds.optim import build_param_groups
 from mapsage_ds.runtime.engine import fill_ds_config, read_ds_config
+from mapsage_ds.tasks.teacher import FrozenTeacher
 
 CLASSES = list(LOVEDA_CLASSES)
 
@@ -98,3 +105,40 @@ def test_weight_decay_split_is_the_same_for_zero3_shards(one_process_world):
     sharded = build_model(arch="dinov3", size="test", class_names=CLASSES, ds_config=_zero3_config()).module
     groups = build_param_groups(sharded.named_parameters(), weight_decay=0.1)
     assert expected and {n for g in groups if g["weight_decay"] for n in g["names"]} == expected
+
+
+def test_a_teacher_loads_in_bf16_without_an_fp32_copy(tmp_path):
+    # 8 layers of width 512: 25 M parameters, 100 MB in fp32 — large enough to see a copy.
+    config = dinov3_config("test")
+    config.update({"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 8, "num_attention_heads": 8})
+    model = DINOv3Segmenter(config, num_classes=len(LOVEDA_CLASSES))
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    fp32_bytes = sum(t.numel() * 4 for t in state.values())
+    export = write_hf_export(model, state, tmp_path / "teacher", image_mean=(0.5,) * 3, image_std=(0.25,) * 3)
+    del model, state
+
+    normalize = Normalize(mean=(0.5,) * 3, std=(0.25,) * 3)
+    with PeakAnonymousMemory() as bf16_peak:
+        teacher = FrozenTeacher.load(export, input_normalize=normalize, device=torch.device("cpu"),
+                                     dtype=torch.bfloat16)
+    assert {p.dtype for p in teacher.model.parameters()} == {torch.bfloat16}
+    # The process's private memory grew by the bf16 weights (half the fp32 size) and no more: no
+    # fp32 tensor of the model was ever allocated (the file is read through a shared mapping).
+    assert 0.45 * fp32_bytes < bf16_peak.growth < 0.7 * fp32_bytes, (bf16_peak.growth, fp32_bytes)
+
+
+@pytest.mark.slow
+def test_a_zero3_export_gathers_on_rank_0_and_rank_1_holds_one_tensor_at_a_time(tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(REPO / "tests" / "zero3_export_probe.py"), str(tmp_path)]
+    # Every allocation above 64 KiB gets its own mapping, returned when freed: resident memory then
+    # follows the tensors alive (glibc would otherwise serve them from pages freed earlier).
+    env = {**subprocess_env(), "MALLOC_MMAP_THRESHOLD_": "65536"}
+    result = subprocess.run(command, env=env, cwd=REPO / "tests", capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    main, other = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert len(main["keys"]) == 24 and all(shape in ([1024, 1024], [1024]) for shape in main["shapes"].values())
+    assert main["growth"] >= main["model_bytes"]  # rank 0 collects the whole model
+    assert other["keys"] == []
+    # Rank 1 took part in every gather but never kept more than about one tensor (+ allocator slack).
+    assert other["growth"] < 3 * other["largest_tensor"] < other["model_bytes"] / 4, other

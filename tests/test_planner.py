@@ -26,11 +26,12 @@ from mapsage_ds.planning.model_states import (
     ADAM_MOMENT_BYTES,
     GIB,
     MASTER_BYTES,
+    ParamCounts,
     ZeroSettings,
     count_parameters,
     zero_bytes,
 )
-from mapsage_ds.planning.plan import Option, all_options, format_plan, parse_size
+from mapsage_ds.planning.plan import Option, all_options, format_plan, parse_size, plan_memory
 from mapsage_ds.tasks.segmentation import SegmentationTask
 
 TOLERANCE = 0.25  # the acceptance bound; the estimates are in fact within 6% (docs/planner.md)
@@ -126,6 +127,21 @@ def test_zero_partitioning_against_hand_derived_formulas():
         states = zb(stage=stage, offload=offload)
         assert (states.parameters, states.gradients, states.optimizer, states.buffers, states.host) == parts
     assert zb(stage=2, offload="none").startup_host == 4 * 10_000  # the whole fp32 model in every process
+    # ZeRO-0, plain data parallelism: everything whole on every card. In bf16 the fp32 master and both
+    # moments (12·6000); buffers: the flat all-reduce bucket 2·6000, or at the step the fp32 copies of all
+    # gradients 4·6000 plus AdamW's temporary for the largest group 4·2000 — the larger, 32_000.
+    zero0 = zb(stage=0, offload="none")
+    assert (zero0.parameters, zero0.gradients, zero0.optimizer, zero0.buffers, zero0.host) == (
+        2 * 10_000, 2 * 6_000, 12 * 6_000, 4 * 6_000 + 4 * 2_000, 0)
+    assert zero0.startup_host == 4 * 10_000
+    # In fp32 AdamW updates the parameters themselves: moments only (8·6000); the bucket 4·6000 beats 4·2000.
+    zero0_fp32 = zb(stage=0, offload="none", dtype_bytes=4)
+    assert (zero0_fp32.parameters, zero0_fp32.gradients, zero0_fp32.optimizer, zero0_fp32.buffers) == (
+        4 * 10_000, 4 * 6_000, 8 * 6_000, 4 * 6_000)
+    # The card count does not enter: nothing is partitioned.
+    assert zb(stage=0, offload="none", cards=1) == zero0
+    with pytest.raises(ConfigError, match="stage 0 cannot offload"):
+        zb(stage=0, offload="optimizer")
     assert zb(stage=3, offload="none").startup_host == 4 * (2_500 + 800)
     doubled = zero_bytes(total=10_000, trainable=6_000, cards=4, stage=2, offload="none", dtype_bytes=2,
                          settings=ZeroSettings(reduce_bucket_size=1000, overlap_comm=True), largest_group=2_000)
@@ -141,12 +157,59 @@ def test_zero_partitioning_against_hand_derived_formulas():
 
 
 def test_options_are_ordered_by_running_cost():
+    # The rule: the lowest ZeRO stage first (0 -> 1 -> 2 -> 3 -> offload), since each higher stage only
+    # saves memory and costs communication; recomputation after ZeRO-0-2 without it, before ZeRO-3.
     options = all_options()
-    assert len(options) == 14 and options[0] == Option(1) and options[1] == Option(2)
+    assert len(options) == 16 and options[:3] == [Option(0), Option(1), Option(2)]
     position = {option: i for i, option in enumerate(options)}
-    assert position[Option(2)] < position[Option(1, checkpointing=True)] < position[Option(3)]
+    assert position[Option(2)] < position[Option(0, checkpointing=True)] < position[Option(1, checkpointing=True)]
+    assert position[Option(2, checkpointing=True)] < position[Option(3)]
+    assert not any(o.stage == 0 and o.offload != "none" for o in options)  # DeepSpeed offloads under ZeRO only
     assert max(position[o] for o in options if o.offload == "none") < min(
         position[o] for o in options if o.offload != "none")
+
+
+def test_the_recommendation_is_the_cheapest_stage_whose_states_fit():
+    """Known answer: ZeRO-0 on a card with room, ZeRO-1 or ZeRO-2 once the whole optimizer does not fit."""
+    module, _, _ = small_model("segformer")
+    # 800 M trainable parameters on a small model's geometry: the states dominate, the activations are small.
+    psi, group, cards = 800_000_000, 200_000_000, 8
+    counts = ParamCounts(total=psi, trainable=psi, largest_group=group, largest_module=0, persistent=0)
+    bucket = 500_000_000  # DeepSpeed's default reduce bucket (no config given), bf16, no overlap: 2 bytes each
+    # Model states + buffers by hand (bf16, b = 2):
+    by_hand = {
+        # params 2Ψ, grads 2Ψ, fp32 master + moments 12Ψ; at the step fp32 gradients 4Ψ + AdamW temporary 4G
+        0: 2 * psi + 2 * psi + 12 * psi + 4 * psi + 4 * group,
+        # params 2Ψ, grads 2Ψ, optimizer 12Ψ/N; the reduce bucket 2·bucket + (fp32 gradient + temporary) 2·4·G/N
+        1: 2 * psi + 2 * psi + 12 * psi // cards + 2 * bucket + 2 * 4 * group // cards,
+        # as stage 1 with gradients 2Ψ/N
+        2: 2 * psi + 2 * psi // cards + 12 * psi // cards + 2 * bucket + 2 * 4 * group // cards,
+    }
+    assert by_hand[0] > by_hand[1] > by_hand[2]
+    activations = estimate_activations(geometry_of(module), batch_size=2, crop_size=64, dtype_bytes=2,
+                                       frozen_layers=0, checkpointing=False).peak
+
+    def plan(card_memory: int):
+        return plan_memory(module=module, phases=[(0, 0.0, counts)], micro_batch_size=2, crop_size=64,
+                           precision="bf16", cards=cards, card_memory=card_memory, frozen_layers_of=lambda f: 0,
+                           margin=0.0, overhead=0)
+
+    def between(low: int, high: int) -> int:
+        return (low + high) // 2 + activations
+
+    for stage, card_memory in ((0, 80 * GIB), (1, between(by_hand[1], by_hand[0])),
+                               (2, between(by_hand[2], by_hand[1]))):
+        result = plan(card_memory)
+        for lower in range(3):
+            assert result.estimate(Option(lower)).states.device == by_hand[lower]
+        assert result.recommended.option == Option(stage), card_memory
+        text = format_plan(result)
+        assert f"Why ZeRO-{stage}: model states fit ({by_hand[stage] / GIB:.1f} of {card_memory / GIB:.1f} GiB" in text
+        if stage == 0:
+            assert "Stages 1–3 add communication without saving memory this run needs." in text
+        else:
+            cheaper = ", ".join(f"ZeRO-{s}" for s in range(stage))
+            assert f"Cheaper options do not fit: {cheaper} (see below)." in text
 
 
 @pytest.mark.slow
@@ -208,7 +271,13 @@ def test_vit7b_on_8x32gb_recommends_a_fitting_option_and_explains_the_rejections
     assert "every card holds all 6.72 B in bf16" in format_plan(full)
     assert not full.estimate(Option(2)).fits and not full.estimate(Option(1, checkpointing=True)).fits
     assert full.estimate(Option(3, checkpointing=True)).fits
+    # On card memory the planner picks ZeRO-2; the recipe configures ZeRO-3 (+ its checkpointing) because
+    # ZeRO-2 builds the model unsharded on every rank: the host-memory column says how much that costs.
+    assert written.recommended.option == Option(2) and written.estimate(Option(2, checkpointing=True)).fits
     assert written.configured == full.configured == Option(3, checkpointing=True)
+    assert written.estimate(Option(3, checkpointing=True)).fits
+    host = {e.option: e.host_per_node for e in written.estimates}
+    assert host[Option(2)] > 150 * GIB > 4 * host[Option(3)]
 
 
 def test_parse_size():
@@ -231,3 +300,13 @@ def test_plan_script_main_prints_the_table_and_checks_host_memory(capsys):
     # 64 GiB of host cannot take eight fp32 copies of 6.7 B parameters at start-up, nor offloaded states.
     assert plan.recommended.option.stage == 3 and plan.recommended.option.offload == "none"
     assert "while building the model" in out and "while training" in out
+
+
+def test_multi_scale_training_is_planned_at_its_largest_crop():
+    def activations(**data) -> int:
+        config = load_config(recipe="segformer_b5_loveda", overrides=[f"data.{k}={v}" for k, v in data.items()])
+        plan = build_memory_plan(config, build_meta_model(config, list(LOVEDA_CLASSES)), cards=8, card_memory=32 * GIB)
+        return plan.estimate(plan.configured).activations.peak
+
+    multi_scale = activations(crop_size=768, **{"augment.crop_sizes": "[512,1024]"})
+    assert multi_scale == activations(crop_size=1024) > activations(crop_size=768)

@@ -1,5 +1,7 @@
 """Estimate memory per card for every ZeRO stage × CPU offload × activation checkpointing option.
 
+Recommends the cheapest that fits, the lowest stage first (ZeRO-0 → 1 → 2 → 3 → offload), and says why.
+
     python scripts/plan.py --recipe dinov3_sat_vit7b_loveda --cards 8 --card-memory 32GB
     python scripts/plan.py --recipe segformer_b5_loveda --set train.micro_batch_size=4 --card-memory 80GB
 

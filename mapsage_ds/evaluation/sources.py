@@ -22,7 +22,7 @@ from mapsage_ds.evaluation.predictor import Ensemble, Predictor
 from mapsage_ds.evaluation.protocol import EnsembleMember, EvalProtocol, RefineSettings
 from mapsage_ds.models import load_exported
 from mapsage_ds.models.factory import BuiltModel
-from mapsage_ds.runtime.checkpoint import latest_tag, verify_checkpoint
+from mapsage_ds.runtime.checkpoint import latest_tag, read_fp32_state, verify_checkpoint
 from mapsage_ds.tasks import SegmentationTask
 from mapsage_ds.training.run_dir import read_run_id
 
@@ -65,8 +65,6 @@ def load_checkpoint_model(checkpoint_dir: str | Path, *, built: BuiltModel, tag:
         CheckpointError: If the checkpoint fails :func:`~mapsage_ds.runtime.checkpoint.verify_checkpoint`.
         ConfigError: If the checkpoint's tensors do not fit the network.
     """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise MissingFileError(f"--checkpoint {checkpoint_dir}: not a directory")
@@ -77,7 +75,7 @@ def load_checkpoint_model(checkpoint_dir: str | Path, *, built: BuiltModel, tag:
     # DeepSpeed's reader unpickles: only a checkpoint its own run wrote, unchanged since, gets there.
     tag = tag or latest_tag(checkpoint_dir)
     verify_checkpoint(checkpoint_dir / tag, run_id=read_run_id(checkpoint_dir.parent))
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+    state = read_fp32_state(checkpoint_dir / tag)
     # The engine wraps SegmentationTask: the network lives under "model.", training-only parts
     # (an auxiliary boundary head) beside it.
     state = {key.removeprefix("model."): value for key, value in state.items() if key.startswith("model.")}

@@ -20,11 +20,14 @@ import torch.distributed as dist
 from torch.utils.data import Dataset, default_collate
 
 from mapsage_ds.builders import (
+    FROM_SCRATCH,
     build_dataset,
+    build_ds_config,
     build_run_model,
     build_task_loss,
     build_train_transform,
     prepare_data_root,
+    starting_weights,
     unfreeze_plan,
 )
 from mapsage_ds.config import Config
@@ -41,7 +44,7 @@ from mapsage_ds.health.result import CheckResult, failed, warned
 from mapsage_ds.models.heads import build_boundary_head
 from mapsage_ds.optim.unfreeze import phase_param_groups
 from mapsage_ds.runtime.accelerator import DistributedContext
-from mapsage_ds.runtime.engine import compute_dtype, fill_ds_config, read_ds_config
+from mapsage_ds.runtime.engine import compute_dtype
 from mapsage_ds.tasks import SegmentationTask
 
 CHECK_NAMES = (
@@ -130,10 +133,8 @@ class _Run:
 
     def setup(self) -> None:
         config = self.config
-        self.ds_config = fill_ds_config(read_ds_config(config.train.deepspeed),
-                                        micro_batch_size=config.train.micro_batch_size,
-                                        grad_accum_steps=config.train.grad_accum_steps,
-                                        world_size=self.ctx.world_size, grad_clip=config.optim.grad_clip)
+        self.ds_config = build_ds_config(config.train, config.optim, world_size=self.ctx.world_size,
+                                         accelerator=self.ctx.accelerator)
         prepare_data_root(config.data, self.ctx)
         self.train_data, self.train_error = _try(lambda: build_dataset(config.data, config.data.train_split))
         self.val_data, self.val_error = _try(lambda: build_dataset(config.data, config.data.val_split))
@@ -168,12 +169,15 @@ class _Run:
                 reports, device_type=options.expect_device or ctx.accelerator))
         if options.selects("preflight.data_files"):
             self.data_files()
-        if self.config.model.pretrained is None:
-            self.on_main("preflight.checkpoint_keys", lambda: preflight.check_checkpoint_keys(None, is_head=bool))
+        weights = starting_weights(self.config.model)
+        if weights is None:
+            intended = self.config.model.pretrained == FROM_SCRATCH
+            self.on_main("preflight.checkpoint_keys",
+                         lambda: preflight.check_checkpoint_keys(None, is_head=bool, from_scratch=intended))
         else:
             def keys() -> CheckResult:
                 report, is_head = preflight.checkpoint_key_report(
-                    arch=self.config.model.arch, size=self.config.model.size, pretrained=self.config.model.pretrained,
+                    arch=self.config.model.arch, size=self.config.model.size, pretrained=weights,
                     class_names=self.class_names)
                 return preflight.check_checkpoint_keys(report, is_head=is_head)
             self.on_main("preflight.checkpoint_keys", keys)
@@ -258,7 +262,8 @@ class _Run:
 
     def scale_and_normalisation(self) -> None:
         self.on_main("3.normalisation", lambda: normalisation.check_normalisation(
-            arch=self.config.model.arch, pretrained=self.config.model.pretrained, normalize=self._built().normalize,
+            arch=self.config.model.arch, pretrained=starting_weights(self.config.model),
+            normalize=self._built().normalize,
             override=self.config.model.normalization))
         name = "3.overfit"
         if not self.options.selects(name):
@@ -271,9 +276,9 @@ class _Run:
             batch = overfit.centre_crop_batch(dataset, list(range(min(options.overfit_images, len(dataset)))),
                                               crop_size=options.overfit_crop or config.data.crop_size,
                                               normalize=built.normalize)
-            ds_config = fill_ds_config(read_ds_config(config.train.deepspeed), micro_batch_size=len(batch["image"]),
-                                       grad_accum_steps=1, world_size=self.ctx.world_size,
-                                       grad_clip=config.optim.grad_clip)
+            ds_config = build_ds_config(config.train, config.optim, world_size=self.ctx.world_size,
+                                        accelerator=self.ctx.accelerator, micro_batch_size=len(batch["image"]),
+                                        grad_accum_steps=1)
             task = SegmentationTask(
                 built.module, ignore_index=IGNORE_INDEX,
                 loss=build_task_loss(config.loss, num_classes=len(self.class_names)),
@@ -355,7 +360,9 @@ class _Run:
     def consistency(self) -> None:
         def judge() -> CheckResult:
             final, source = consistency.read_final_eval(self.options.final_eval)
-            return consistency.check_evaluation_consistency(self.config.eval, final, final_source=source)
+            validation, validation_source = consistency.validation_protocol(self.config.eval, self.options.final_eval)
+            return consistency.check_evaluation_consistency(validation, final, final_source=source,
+                                                            validation_source=validation_source)
         self.on_main("6.evaluation_consistency", judge)
 
     def metric(self) -> None:

@@ -19,7 +19,6 @@ from typing import Any
 import deepspeed
 import torch
 import yaml
-from deepspeed.utils import safe_get_full_fp32_param
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
@@ -29,14 +28,18 @@ from mapsage_ds.errors import MapSageError, StorageError
 from mapsage_ds.files import human_bytes
 from mapsage_ds.models.dinov3 import HEAD_CONFIG, HEAD_WEIGHTS, DINOv3Segmenter
 from mapsage_ds.models.normalization import DECISION_FIELD
+from mapsage_ds.runtime.engine_state import full_fp32_param
 from mapsage_ds.runtime.failures import raise_if_any_failed
 
 
-def gather_full_state_dict(model: nn.Module, *, stage: int) -> dict[str, torch.Tensor]:
+def gather_full_state_dict(model: nn.Module, *, stage: int, keep: bool = True) -> dict[str, torch.Tensor]:
     """Full fp32 copy of ``model``'s state on the CPU; a collective: call on every rank.
 
     Trainable parameters come from the optimizer's fp32 master copy; frozen ones and buffers
-    from the module (gathered first under ZeRO-3, where every rank holds a shard).
+    from the module (gathered first under ZeRO-3, where every rank holds a shard). Tensors are
+    gathered one at a time and only ranks with ``keep`` collect them: the others take part in
+    each gather and drop the tensor at once, so they never hold more than one full tensor
+    (a 7B export costs its full size on one rank, not on all of them). Returns ``{}`` there.
     """
     params = dict(model.named_parameters())
     state = {}
@@ -45,7 +48,7 @@ def gather_full_state_dict(model: nn.Module, *, stage: int) -> dict[str, torch.T
         if param is None:  # a buffer, replicated on every rank
             value = tensor.detach()
         elif param.requires_grad:
-            value = safe_get_full_fp32_param(param)
+            value = full_fp32_param(param)  # any ZeRO stage, 0 included
             if value is None:
                 raise MapSageError(f"no fp32 master copy of trainable parameter '{name}' (is it in the optimizer?)")
         elif stage == 3:
@@ -53,7 +56,9 @@ def gather_full_state_dict(model: nn.Module, *, stage: int) -> dict[str, torch.T
                 value = param.detach().clone()
         else:
             value = param.detach()
-        state[name] = value.float().cpu().clone() if value.is_floating_point() else value.cpu().clone()
+        if keep:
+            state[name] = value.float().cpu().clone() if value.is_floating_point() else value.cpu().clone()
+        del value
     return state
 
 
@@ -152,7 +157,7 @@ def export_model(
     model: PreTrainedModel, out_dir: str | Path, *, stage: int, is_main: bool, **metadata: Any
 ) -> Path | None:
     """Gather on every rank, write on rank 0, then wait for it; returns the path on rank 0."""
-    state_dict = gather_full_state_dict(model, stage=stage)
+    state_dict = gather_full_state_dict(model, stage=stage, keep=is_main)
     path, error = None, None
     if is_main:
         try:

@@ -5,6 +5,9 @@ partitioning (Rajbhandari et al., 2020) as DeepSpeed implements it.
 
 Per trainable parameter, AdamW keeps two fp32 moments (8 bytes) and DeepSpeed an fp32 master copy
 (4 bytes), in fp32 training too: its ZeRO optimizers always update a cloned fp32 partition.
+ZeRO-0 (plain data parallelism) has no ZeRO optimizer: in fp32 AdamW updates the parameters
+themselves (no master copy), in bf16/fp16 DeepSpeed's unfused mixed-precision optimizer keeps a
+whole fp32 master on every card.
 """
 
 
@@ -29,6 +32,10 @@ ADAM_MOMENT_BYTES = 8
 MASTER_BYTES = 4
 OPTIMIZER_BYTES = MASTER_BYTES + ADAM_MOMENT_BYTES
 FP32 = 4
+ZERO_STAGES = (0, 1, 2, 3)
+# ZeRO-0 all-reduces gradients through flat buckets of at most this many elements (DeepSpeed's
+# MEMORY_OPT_ALLREDUCE_SIZE; no config key sets it).
+STAGE0_ALLREDUCE_ELEMENTS = 500_000_000
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,8 +130,8 @@ class ZeroBytes:
 
     Attributes:
         host: host bytes held while training (offloaded states).
-        startup_host: host bytes while the model is built: stages 1 and 2 build the whole model in
-            fp32 in every process before it moves to the card; stage 3 builds it sharded.
+        startup_host: host bytes while the model is built: stages 0, 1 and 2 build the whole model
+            in fp32 in every process before it moves to the card; stage 3 builds it sharded.
     """
 
     parameters: int
@@ -160,12 +167,18 @@ def zero_bytes(
     ========  ================  ====================  =============
     stage     parameters        gradients             optimizer
     ========  ================  ====================  =============
+    0         b·Ψ               b·Ψt                  K₀·Ψt
     1         b·Ψ               b·Ψt                  K·Ψt / N
     2         b·Ψ               b·Ψt / N              K·Ψt / N
     3         b·Ψ / N + b·P     b·Ψt / N              K·Ψt / N
     ========  ================  ====================  =============
 
-    Stage 1 reduces gradients after the whole backward, so full gradients exist at its end.
+    Stage 0 is plain data parallelism, every card holding everything: K₀ = 12 with a bf16/fp16
+    compute copy (fp32 master + moments), K₀ = 8 in fp32, where AdamW updates the parameters
+    themselves. Its buffers are the flat all-reduce bucket (b × at most 5e8 elements, freed before
+    the step) or, at the step, the AdamW temporary of the largest group plus, in bf16/fp16, the
+    fp32 copies of all gradients its mixed-precision optimizer makes, whichever is larger; it
+    cannot offload. Stage 1 reduces gradients after the whole backward, so full gradients exist at its end.
     Under stage 3 every parameter has its shard and the small ones also stay whole, and b × the
     gathered working set (largest module + prefetch bucket, at most ``max_live_parameters``) is
     added. Offload moves the optimizer column and the fp32 gradient partition (and under stage 2/3
@@ -174,13 +187,20 @@ def zero_bytes(
     Raises:
         ConfigError: for an impossible stage/offload pair or fewer than one card.
     """
-    if stage not in (1, 2, 3) or offload not in OFFLOADS or (offload == "optimizer+params" and stage != 3):
-        raise ConfigError(f"ZeRO stage {stage} with offload '{offload}': expected stage 1-3, offload in "
-                          f"{OFFLOADS} ('optimizer+params' only with stage 3)")
+    if (stage not in ZERO_STAGES or offload not in OFFLOADS or (offload != "none" and stage == 0)
+            or (offload == "optimizer+params" and stage != 3)):
+        raise ConfigError(f"ZeRO stage {stage} with offload '{offload}': expected stage 0-3, offload in "
+                          f"{OFFLOADS} (stage 0 cannot offload; 'optimizer+params' only with stage 3)")
     if cards < 1:
         raise ConfigError(f"cards={cards}: expected at least 1")
     b, n = dtype_bytes, cards
     group = trainable if largest_group is None else largest_group
+    if stage == 0:
+        master = MASTER_BYTES * trainable if b < FP32 else 0
+        reduce_bucket = b * min(trainable, STAGE0_ALLREDUCE_ELEMENTS)
+        at_step = FP32 * group + (FP32 * trainable if b < FP32 else 0)
+        return ZeroBytes(b * total, b * trainable, ADAM_MOMENT_BYTES * trainable + master,
+                         max(reduce_bucket, at_step), 0, FP32 * total)
     shard = math.ceil(trainable / n)
     optimizer = OPTIMIZER_BYTES * shard
     bucket = settings.reduce_bucket_size * b * (2 if settings.overlap_comm else 1)

@@ -1,12 +1,14 @@
 """Memory planner: bytes per card for every ZeRO stage × CPU offload × activation checkpointing option.
 
 Model states follow the ZeRO paper's partitioning (Rajbhandari et al., 2020) as DeepSpeed
-implements it: stage 1 partitions the optimizer states over the cards, stage 2 also the gradients,
-stage 3 also the parameters. CPU offload moves the fp32 master weights, Adam moments and fp32
-gradients to host memory (and under stage 3 optionally the parameter shards). Only trainable
-parameters have gradients and optimizer states; frozen ones cost their parameter bytes only.
-Per trainable parameter, AdamW keeps two fp32 moments (8 bytes) and DeepSpeed an fp32 master copy
-(4 bytes), in fp32 training too: its ZeRO optimizers always update a cloned fp32 partition.
+implements it: stage 0 partitions nothing (plain data parallelism, as DDP), stage 1 partitions the
+optimizer states over the cards, stage 2 also the gradients, stage 3 also the parameters. CPU
+offload moves the fp32 master weights, Adam moments and fp32 gradients to host memory (and under
+stage 3 optionally the parameter shards). Only trainable parameters have gradients and optimizer
+states; frozen ones cost their parameter bytes only. Per trainable parameter, AdamW keeps two fp32
+moments (8 bytes) and DeepSpeed an fp32 master copy (4 bytes), in fp32 training too: its ZeRO
+optimizers always update a cloned fp32 partition. ZeRO-0 in fp32 has no master copy (AdamW updates
+the parameters themselves); see :func:`~mapsage_ds.planning.model_states.zero_bytes`.
 
 DeepSpeed's own buffers are counted as its configs size them: the gradient reduction bucket
 (``reduce_bucket_size``, doubled with ``overlap_comm``), the fp32 gradient of one parameter group's
@@ -18,7 +20,11 @@ parameters kept whole (``stage3_param_persistence_threshold``). Activations come
 An option fits when its total stays below the card memory less a safety margin and a constant
 for what no formula here sees (runtime context, collective buffers, allocator fragmentation).
 The recommendation is the first option that fits in order of running cost (:func:`all_options`):
-no offload before offload, ZeRO-1/2 before ZeRO-3, no checkpointing before checkpointing.
+the cheapest stage that fits, 0 → 1 → 2 → 3 → offload. A higher stage only saves memory, and it
+pays for it in communication (ZeRO-2 ran up to 2.9× slower than DDP on 8 cards for models of many
+small tensors, such as SegFormer), so it is chosen only when the model states of every lower
+stage leave no room. Buffer sizes follow the per-accelerator ZeRO communication settings of a card
+(:func:`~mapsage_ds.runtime.engine.fill_zero_comm`); a value the run's DeepSpeed config states wins.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from mapsage_ds.planning.model_states import (
     GIB,
     OFFLOADS,
     PRECISION_BYTES,
+    ZERO_STAGES,
     ParamCounts,
     ZeroBytes,
     ZeroSettings,
@@ -46,6 +53,8 @@ from mapsage_ds.planning.model_states import (
 
 DEFAULT_MARGIN = 0.10
 DEFAULT_OVERHEAD = 2 * GIB
+# The planner sizes cards; every card accelerator (gcu, cuda) gets the same ZeRO communication settings.
+PLANNED_ACCELERATOR = "gcu"
 
 # ----------------------------------------------------------------------------------------------
 # Options, estimates, the plan
@@ -69,17 +78,20 @@ class Option:
 
 
 def all_options() -> list[Option]:
-    """Every option in order of preference, cheapest to run first.
+    """Every option in order of preference, cheapest to run first: the lowest ZeRO stage that fits.
 
     Offloading is the most expensive (host-device traffic and Adam on the CPU every step), then
     ZeRO-3 (it gathers parameters in forward and again in backward: 1.5× the communication of
-    stages 1 and 2), then activation checkpointing (one more forward of every block). Stages 1 and
-    2 move the same volume per step (an all-reduce, or a reduce-scatter plus an all-gather), so
-    among them the lower stage only wins when both need the same checkpointing.
+    stages 0 to 2), then activation checkpointing (one more forward of every block). Stages 0, 1
+    and 2 move the same volume per step in theory (an all-reduce, or a reduce-scatter plus an
+    all-gather), but each partitioning step adds bookkeeping and smaller, more numerous
+    collectives (measured on 2 CPU ranks: 0.97/1.04/1.05× DDP; ZeRO-2 up to 2.9× DDP on 8 A100s for
+    models of many small tensors), so among them the lower stage wins when both need the same
+    checkpointing. ZeRO-0 cannot offload.
     """
     options = [Option(stage, offload, checkpointing)
-               for offload in OFFLOADS for stage in (1, 2, 3) for checkpointing in (False, True)
-               if not (offload == "optimizer+params" and stage != 3)]
+               for offload in OFFLOADS for stage in ZERO_STAGES for checkpointing in (False, True)
+               if not (offload != "none" and stage == 0) and not (offload == "optimizer+params" and stage != 3)]
     return sorted(options, key=lambda o: (OFFLOADS.index(o.offload), o.stage == 3, o.checkpointing, o.stage))
 
 
@@ -247,12 +259,17 @@ def _part_reason(estimate: Estimate, part: str, plan: MemoryPlan) -> str:
             return f"parameters {size} GiB (every card holds all {_count(counts.total)} in {plan.precision})"
         return f"parameters {size} GiB (1/{plan.cards} shard + gathered working set)"
     if part == "gradients":
-        if option.stage == 1:
+        if option.stage <= 1:
             return f"gradients {size} GiB (full gradients of {_count(counts.trainable)} trainable parameters)"
         return f"gradients {size} GiB (1/{plan.cards} partition)"
     if part == "optimizer":
+        if option.stage == 0:
+            master = "fp32 master + " if plan.precision != "fp32" else ""
+            return f"optimizer {size} GiB ({master}Adam moments of all {_count(counts.trainable)} trainable parameters)"
         return f"optimizer {size} GiB (fp32 master + Adam moments of 1/{plan.cards} of the trainable parameters)"
     if part == "buffers":
+        if option.stage == 0:
+            return f"buffers {size} GiB (flat all-reduce bucket, or the fp32 gradients and AdamW temporary at the step)"
         return f"buffers {size} GiB (reduce bucket; fp32 gradient and AdamW temporary of a group at the step)"
     if part == "activations":
         how = "with checkpointing" if option.checkpointing else "without checkpointing"
@@ -272,6 +289,41 @@ def explain(estimate: Estimate, plan: MemoryPlan) -> str:
     when = "while training" if estimate.states.host >= estimate.states.startup_host else "while building the model"
     return (f"host memory: the node's {plan.cards} processes need {_gib(estimate.host_per_node)} GiB {when} > "
             f"{_gib(estimate.host_usable)} GiB usable on the host")
+
+
+_PARTITIONED = {
+    0: "nothing partitioned: every card holds parameters, gradients, fp32 master and Adam moments, as DDP",
+    1: "fp32 master and Adam moments partitioned over the cards",
+    2: "gradients, fp32 master and Adam moments partitioned over the cards",
+    3: "parameters, gradients, fp32 master and Adam moments partitioned over the cards",
+}
+
+
+def why_recommended(plan: MemoryPlan) -> str | None:
+    """Why the recommendation is the cheapest choice: what fits, what the cheaper options lack, what costlier ones add.
+
+    None when nothing fits.
+    """
+    best = plan.recommended
+    if best is None:
+        return None
+    option = best.option
+    lines = [f"Why {option.label}: model states fit ({_gib(best.states.device)} of {_gib(best.usable)} GiB usable "
+             f"per card; {_gib(best.total)} GiB with activations and overhead); {_PARTITIONED[option.stage]}."]
+    cheaper = plan.estimates[: plan.estimates.index(best)]
+    if cheaper:
+        lines.append("  Cheaper options do not fit: " + ", ".join(e.option.label for e in cheaper) + " (see below).")
+    if option.offload != "none":
+        lines.append("  Offload is the last resort: nothing fits on the card alone.")
+    elif option.stage < 2:
+        lines.append(f"  Stages {option.stage + 1}–3 add communication without saving memory this run needs.")
+    elif option.stage == 2:
+        lines.append("  ZeRO-3 adds communication without saving memory this run needs.")
+    else:
+        lines.append("  Offload adds host traffic without saving memory this run needs.")
+    if option.checkpointing:
+        lines.append("  Activation checkpointing: the activations do not fit without recomputation at a lower stage.")
+    return "\n".join(lines)
 
 
 def format_plan(plan: MemoryPlan) -> str:
@@ -304,6 +356,7 @@ def format_plan(plan: MemoryPlan) -> str:
         how = f" ({best.ds_config})" if best.ds_config else ""
         host = f"; host: {_gib(best.host_per_node)} GiB per node" + (" (unchecked)" if plan.host_memory is None else "")
         lines.append(f"Recommended: {best.option.label}{how}: {_gib(best.total)} GiB per card{host}.")
+        lines.append(why_recommended(plan))
     if plan.configured is not None:
         configured = plan.estimate(plan.configured)
         lines.append(f"Configured: {configured.option.label}: {explain(configured, plan)}.")
@@ -313,7 +366,8 @@ def format_plan(plan: MemoryPlan) -> str:
         lines += [f"  {e.option.label}: {explain(e, plan)}" for e in rejected]
     costlier = [e.option.label for e in plan.estimates if e.fits and e is not best]
     if costlier:
-        lines.append("Also fit, at a higher running cost (ZeRO-3, recomputation or offload): " + ", ".join(costlier))
+        lines.append("Also fit, at a higher running cost (more partitioning, recomputation or offload): "
+                     + ", ".join(costlier))
     lines += [f"Note: {note}" for note in plan.notes]
     return "\n".join(lines)
 
@@ -408,17 +462,23 @@ def plan_for_run(
         host_memory: host memory per node, bytes (None: reported, not checked).
     """
     from mapsage_ds.optim.unfreeze import frozen_layer_count, phase_param_groups
-    from mapsage_ds.runtime.engine import compute_dtype, ds_config_names, read_ds_config
+    from mapsage_ds.runtime.engine import compute_dtype, ds_config_names, fill_zero_comm, read_ds_config
 
     precision = dtype_name(compute_dtype(dict(ds_config)))
     module, layers = built.module, built.num_layers
     schedule = [(0, unfreeze.initial_frozen_fraction), *unfreeze.stages]
     zero_settings = {}
-    for stage in (1, 2, 3):
+    for stage in ZERO_STAGES:
         name = f"zero{stage}_{precision}"
-        zero_settings[stage] = ZeroSettings.from_ds_config(read_ds_config(name) if name in ds_config_names() else {})
+        packaged = read_ds_config(name) if name in ds_config_names() else {"zero_optimization": {"stage": stage}}
+        zero_settings[stage] = ZeroSettings.from_ds_config(fill_zero_comm(packaged, accelerator=PLANNED_ACCELERATOR))
     configured = configured_option(ds_config, checkpointing=activation_checkpointing)
-    zero_settings[configured.stage] = ZeroSettings.from_ds_config(ds_config)
+    if configured not in all_options():
+        raise ConfigError(f"the run's DeepSpeed config asks for ZeRO-{configured.stage} with offload "
+                          f"'{configured.offload}': DeepSpeed offloads only under ZeRO-1/2/3, parameters only under "
+                          f"ZeRO-3")
+    zero_settings[configured.stage] = ZeroSettings.from_ds_config(
+        fill_zero_comm(dict(ds_config), accelerator=PLANNED_ACCELERATOR))
     threshold = zero_settings[3].param_persistence_threshold
     phases = []
     for step, fraction in schedule:

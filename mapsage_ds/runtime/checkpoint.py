@@ -38,6 +38,41 @@ from mapsage_ds.runtime.failures import raise_if_any_failed
 
 MANIFEST = "manifest.json"
 _TAG_PREFIX = "step_"
+# Client-state key: names of the parameters in each optimizer group, in DeepSpeed's order. A ZeRO-0
+# checkpoint stores its fp32 masters as unnamed per-group lists (``fp32_groups``); these name them.
+MASTER_NAMES = "fp32_master_names"
+
+
+def master_names(engine: deepspeed.DeepSpeedEngine) -> list[list[str]] | None:
+    """Names of the fp32 masters a ZeRO-0 mixed-precision optimizer saves, group by group; None otherwise."""
+    groups = getattr(engine.optimizer, "fp16_groups", None)
+    if groups is None or not hasattr(engine.optimizer, "fp32_groups"):
+        return None
+    names = {id(param): name for name, param in engine.module.named_parameters()}
+    return [[names[id(param)] for param in group] for group in groups]
+
+
+def read_fp32_state(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The fp32 weights of a checkpoint folder, consolidated from any ZeRO stage (call after :func:`verify_checkpoint`).
+
+    ZeRO-1/2/3 go through DeepSpeed's own consolidation. A ZeRO-0 checkpoint has no partitioned
+    optimizer files: its module file holds the weights (the masters themselves in fp32; in bf16/fp16
+    the masters are the optimizer's ``fp32_groups``, named by :data:`MASTER_NAMES`), and it is read
+    with ``weights_only=True``.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    folder = Path(folder)
+    if any(folder.glob("*optim_states.pt")):
+        return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    saved = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+    state = {name: value.float() if value.is_floating_point() else value for name, value in saved["module"].items()}
+    names = saved.get(MASTER_NAMES)
+    if names is not None:
+        masters = saved["optimizer"]["fp32_groups"]
+        for group_names, group in zip(names, masters, strict=True):
+            state.update(zip(group_names, group, strict=True))
+    return state
 
 
 def step_tag(step: int) -> str:

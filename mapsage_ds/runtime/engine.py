@@ -3,7 +3,25 @@
 DeepSpeed JSON configs hold parallelism and precision only. Batch geometry and gradient
 clipping come from the run config and fill the ``"auto"`` fields; explicit values must agree
 with it, and every disagreement is reported in one error. The optimizer is ours (torch AdamW,
-so no fused op is compiled) and so is the learning-rate schedule.
+so no fused op is compiled) and so is the learning-rate schedule. ZeRO stages 0 to 3 are
+accepted; stage 0 is plain data parallelism (every rank keeps every state, gradients are
+all-reduced), the cheapest to run wherever the model states fit (see ``docs/planner.md``).
+
+ZeRO's communication settings depend on where the ranks run, not on the model, so the packaged
+configs leave them out and :func:`fill_zero_comm` sets them for the accelerator in use
+(:data:`ZERO_COMM_DEFAULTS`):
+
+- on cards (``gcu``, ``cuda``): ``overlap_comm`` and ``contiguous_gradients`` on, reduce and
+  all-gather buckets of 2e8 elements. Overlap hides the gradient reduction behind the backward
+  pass on a separate stream; contiguous gradients copy each gradient into one preallocated
+  buffer, which keeps the card's allocator from fragmenting; 2e8 is the bucket of Hugging Face's
+  ZeRO-2 example config, below DeepSpeed's 5e8 default because overlap keeps two buckets alive.
+- on ``cpu``: both off, buckets at DeepSpeed's 5e8. The CPU has no streams to overlap on and no
+  fragmentation worth a copy of every gradient; fewer, larger gloo calls are faster.
+
+A value the user's JSON config states explicitly wins over these defaults: a key present in
+its ``zero_optimization`` section is never touched (the ZeRO-3 configs, for one, keep their own
+smaller ``reduce_bucket_size``).
 
 :class:`EngineBuilder` owns the life cycle: freeze the phase's layers, group the trainable
 parameters, build the optimizer, ``deepspeed.initialize``, and at an unfreezing boundary carry the
@@ -26,7 +44,8 @@ from torch import nn
 
 from mapsage_ds.errors import ConfigError, MissingFileError
 from mapsage_ds.optim.unfreeze import UnfreezePlan, phase_param_groups
-from mapsage_ds.runtime.engine_state import capture_trainable_state, restore_trainable_state
+from mapsage_ds.planning.model_states import ZERO_STAGES
+from mapsage_ds.runtime.engine_state import capture_trainable_state, link_stage0_masters, restore_trainable_state
 
 # The top-level ds_configs/ folder, installed as this package (setup.py's package_dir).
 DS_CONFIG_PACKAGE = "mapsage_ds.ds_configs"
@@ -34,6 +53,16 @@ _FORBIDDEN_SECTIONS = {
     "scheduler": "the learning-rate schedule is set by mapsage_ds (optim.*): DeepSpeed's schedulers "
                  "overwrite per-group learning rates",
     "optimizer": "the optimizer is built by mapsage_ds from optim.* (torch AdamW with per-group lr scales)",
+}
+
+
+# ZeRO communication settings by where the ranks run (module docstring: why). Every accelerator
+# but "cpu" is a card.
+ZERO_COMM_DEFAULTS: dict[str, dict[str, Any]] = {
+    "card": {"overlap_comm": True, "contiguous_gradients": True,
+             "reduce_bucket_size": 200_000_000, "allgather_bucket_size": 200_000_000},
+    "cpu": {"overlap_comm": False, "contiguous_gradients": False,
+            "reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000},
 }
 
 
@@ -93,10 +122,29 @@ def fill_ds_config(
     if filled.get("bf16", {}).get("enabled") and filled.get("fp16", {}).get("enabled"):
         problems.append("'bf16' and 'fp16' are both enabled: pick one")
     stage = filled.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (1, 2, 3):
-        problems.append(f"'zero_optimization.stage' is {stage!r}: expected 1, 2 or 3")
+    if stage not in ZERO_STAGES:
+        problems.append(f"'zero_optimization.stage' is {stage!r}: expected one of {', '.join(map(str, ZERO_STAGES))}")
     if problems:
         raise ConfigError("DeepSpeed config does not fit the run:\n  " + "\n  ".join(problems))
+    return filled
+
+
+def zero_comm_defaults(accelerator: str) -> dict[str, Any]:
+    """ZeRO communication settings for ranks on ``accelerator`` (``gcu``, ``cuda`` or ``cpu``)."""
+    return dict(ZERO_COMM_DEFAULTS["cpu" if accelerator == "cpu" else "card"])
+
+
+def fill_zero_comm(ds_config: dict[str, Any], *, accelerator: str) -> dict[str, Any]:
+    """A copy of ``ds_config`` whose ZeRO communication settings not given explicitly are ``accelerator``'s.
+
+    The settings are ``overlap_comm``, ``contiguous_gradients``, ``reduce_bucket_size`` and
+    ``allgather_bucket_size`` (:func:`zero_comm_defaults`); a key already in the config's
+    ``zero_optimization`` section wins. Also for stage 0, where DeepSpeed ignores them.
+    """
+    filled = copy.deepcopy(ds_config)
+    zero = filled.setdefault("zero_optimization", {})
+    for key, value in zero_comm_defaults(accelerator).items():
+        zero.setdefault(key, value)
     return filled
 
 
@@ -127,9 +175,13 @@ def initialize_engine(
     """Wrap ``module`` and ``optimizer`` in a DeepSpeed engine.
 
     The module must already be in the compute dtype: DeepSpeed casts parameters but not
-    buffers such as BatchNorm statistics.
+    buffers such as BatchNorm statistics. Under ZeRO-0 each parameter is linked to the fp32
+    tensor the optimizer steps, which export and state carry-over read
+    (:func:`~mapsage_ds.runtime.engine_state.link_stage0_masters`).
     """
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
+    if zero_stage(ds_config) == 0:
+        link_stage0_masters(engine)
     return engine
 
 

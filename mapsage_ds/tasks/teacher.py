@@ -120,7 +120,8 @@ class FrozenTeacher:
         """Load a MapSage export (SegFormer or DINOv3) as a frozen teacher.
 
         Loading runs under a forked RNG: building the teacher's modules draws random initial
-        values, and that must not shift the student's random stream (drop path, dropout).
+        values, and that must not shift the student's random stream (drop path, dropout). The
+        weights are read straight into ``dtype`` (no fp32 copy of a 7B teacher on every rank).
 
         Raises:
             MissingFileError: When ``path`` is not an export.
@@ -128,7 +129,7 @@ class FrozenTeacher:
         from mapsage_ds.models.factory import load_exported
 
         with torch.random.fork_rng(devices=[]):
-            model, normalize = load_exported(path)
+            model, normalize = load_exported(path, dtype=dtype)
         return cls(model, normalize=normalize, input_normalize=input_normalize, device=device, dtype=dtype,
                    feature_level=feature_level, logits=logits, features=features, source=str(path))
 

@@ -95,7 +95,7 @@ def _run(config: Config, ctx: DistributedContext, owned: OwnedRunDirectory | Non
     torch.manual_seed(config.train.seed + ctx.rank)
     class_names = list(LOVEDA_CLASSES)
 
-    ds_config = build_ds_config(config.train, config.optim, world_size=ctx.world_size)
+    ds_config = build_ds_config(config.train, config.optim, world_size=ctx.world_size, accelerator=ctx.accelerator)
     stage = zero_stage(ds_config)
     built = build_run_model(config, class_names, ds_config=ds_config, verbose=ctx.is_main)
     model, normalize = built.module, built.normalize

@@ -21,6 +21,7 @@ from mapsage_ds.optim.unfreeze import UnfreezePlan
 from mapsage_ds.runtime import checkpoint
 from mapsage_ds.runtime.accelerator import DistributedContext, synchronize
 from mapsage_ds.training.run_log import RunLogger
+from mapsage_ds.training.throughput import ThroughputWindow
 
 
 @dataclass
@@ -36,6 +37,23 @@ class TrainState:
 
 
 NONFINITE_POLICIES = ("stop", "skip")
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What one optimizer step returns to the loop.
+
+    Attributes:
+        loss_sums: ``loss`` and its named parts, summed over the micro-batches (device tensors).
+        lr: the base learning rate of the step.
+        skipped: DeepSpeed skipped the update (non-finite gradients on some rank).
+        data_seconds: time spent waiting for batches.
+    """
+
+    loss_sums: dict[str, torch.Tensor]
+    lr: float
+    skipped: bool
+    data_seconds: float
 
 
 @dataclass(frozen=True)
@@ -101,36 +119,48 @@ class Trainer:
         """Train until ``max_steps``; returns the final state."""
         state = self.state
         self.engine.train()
-        images_per_step = self.stream.sampler.batch_size * self.grad_accum_steps * self.ctx.world_size
+        window = ThroughputWindow(self.stream.sampler.batch_size * self.grad_accum_steps * self.ctx.world_size)
         while state.step < self.max_steps:
             if self.unfreeze_plan.is_boundary(state.step):
                 self.engine = self.rebuild_engine(state.step, self.engine)
                 self.engine.train()
                 self.logger.message(f"step {state.step}: unfreezing phase {self.unfreeze_plan.phase(state.step)}")
-            engine = self.engine
             started = time.perf_counter()
-            lr = self.schedule.apply(engine.optimizer, state.step)
-            # "loss" and every named part the task returns ("loss_ce", "loss_dice", ...).
-            loss_sums: dict[str, torch.Tensor] = {}
-            skipped_before = engine.skipped_steps
-            for _ in range(self.grad_accum_steps):
-                batch = _to_device(next(self.stream), self.ctx.device)
-                outputs = engine(batch)
-                engine.backward(outputs["loss"])
-                engine.step()
-                for key in (k for k in outputs if k == "loss" or k.startswith("loss_")):
-                    loss_sums[key] = loss_sums.get(key, 0.0) + outputs[key].detach().float()
-            state.step += 1
-            skipped = engine.skipped_steps > skipped_before
-            self._count_skipped(skipped)
+            step = self.train_step()
+            window.add_step(time.perf_counter() - started, data_seconds=step.data_seconds)
+            self._count_skipped(step.skipped)
             if state.step % self.log_every == 0 or state.step == self.max_steps:
-                self._log_train(loss_sums, lr, images_per_step, started, skipped=skipped)
+                self._log_train(step.loss_sums, step.lr, window, skipped=step.skipped)
             if state.step % self.eval_every == 0 or state.step == self.max_steps:
                 self._validate()
             if state.step % self.save_every == 0 or state.step == self.max_steps:
                 self.save()
         self._check_skipped_share(state.skipped_steps, state.step, "of the run's")
         return state
+
+    def train_step(self) -> StepOutcome:
+        """One optimizer step (``grad_accum_steps`` micro-batches) at the current step's learning rate.
+
+        The unit the loop repeats and ``scripts/benchmark_train.py`` times against a bare loop.
+        """
+        engine = self.engine
+        lr = self.schedule.apply(engine.optimizer, self.state.step)
+        # "loss" and every named part the task returns ("loss_ce", "loss_dice", ...).
+        loss_sums: dict[str, torch.Tensor] = {}
+        skipped_before = engine.skipped_steps
+        data_seconds = 0.0
+        for _ in range(self.grad_accum_steps):
+            waited = time.perf_counter()
+            batch = _to_device(next(self.stream), self.ctx.device)
+            data_seconds += time.perf_counter() - waited
+            outputs = engine(batch)
+            engine.backward(outputs["loss"])
+            engine.step()
+            for key in (k for k in outputs if k == "loss" or k.startswith("loss_")):
+                loss_sums[key] = loss_sums.get(key, 0.0) + outputs[key].detach().float()
+        self.state.step += 1
+        return StepOutcome(loss_sums=loss_sums, lr=lr, skipped=engine.skipped_steps > skipped_before,
+                           data_seconds=data_seconds)
 
     def _count_skipped(self, skipped: bool) -> None:
         state, policy = self.state, self.nonfinite
@@ -158,9 +188,11 @@ class Trainer:
                 f"than train.max_skipped_share={self.nonfinite.max_skipped_share}; the model is not training. "
                 f"Last good checkpoint: {self.checkpoint_dir / latest if latest else 'none'}"))
 
-    def _log_train(self, loss_sums: dict[str, torch.Tensor], lr: float, images_per_step: int,
-                   started: float, *, skipped: bool) -> None:
+    def _log_train(self, loss_sums: dict[str, torch.Tensor], lr: float, window: ThroughputWindow, *,
+                   skipped: bool) -> None:
         # One all-reduce for all parts; every rank's task returns the same keys (same config).
+        # It also waits for the device, so the window's figures include the work still queued.
+        reduce_started = time.perf_counter()
         names = sorted(loss_sums)
         totals = torch.stack([torch.as_tensor(loss_sums[k], device=self.ctx.device) for k in names])
         dist.all_reduce(totals)
@@ -171,10 +203,11 @@ class Trainer:
                 f"step {self.state.step}: the training loss is {loss_value} but DeepSpeed applied the update "
                 f"(the gradients were finite); the task's loss is broken"))
         synchronize(self.ctx.device)
-        images_per_second = images_per_step / (time.perf_counter() - started)
-        values = {**losses, "lr": lr, "images_per_s": images_per_second, "skipped_steps": self.state.skipped_steps}
+        speed = window.summary(extra_seconds=time.perf_counter() - reduce_started)
+        values = {**losses, "lr": lr, **speed, "skipped_steps": self.state.skipped_steps}
         self.logger.log(self.state.step, "train", values)
-        self.logger.advance(self.state.step, {"loss": loss_value, "lr": lr})
+        self.logger.advance(self.state.step, {"loss": loss_value, "lr": lr, "img/s": speed["images_per_s"],
+                                              "data%": 100 * speed["data_wait_share"]})
 
     def _validate(self) -> None:
         metrics = self.evaluate()
@@ -195,6 +228,7 @@ class Trainer:
             "train_state": vars(self.state).copy(),
             "data_position": self.stream.state_dict(),
             "config": self.client_config,
+            checkpoint.MASTER_NAMES: checkpoint.master_names(self.engine),
         }
         checkpoint.save_checkpoint(
             self.engine, self.checkpoint_dir, step=self.state.step, client_state=client_state,
