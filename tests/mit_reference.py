@@ -10,6 +10,7 @@ their own names, behind empty package entries, and takes those entries out again
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import importlib
@@ -18,6 +19,7 @@ import pickle
 import sys
 import time
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,31 @@ from torch import Tensor, nn
 
 TINY = {"embed_dims": 16, "num_heads": [1, 2, 4, 8], "num_layers": [1, 2, 1, 1], "sr_ratios": [8, 4, 2, 1]}
 TINY_HIDDEN = [16, 32, 64, 128]
+
+
+@contextlib.contextmanager
+def mmseg_source_packages(packages: tuple[str, ...]) -> Iterator[Path]:
+    """Empty entries for mmseg's ``packages``, so their source files import without the package ``__init__``s.
+
+    mmsegmentation's package ``__init__`` files import every model, some of them mmcv's compiled ops,
+    which mmcv-lite lacks. Inside this block, ``importlib.import_module("mmseg.models.x.y")`` loads
+    just that file; every module imported under the packages is taken out again afterwards. Yields
+    mmseg's source root.
+    """
+    import mmseg  # noqa: F401  (checks the mmcv version range)
+
+    root = Path(sys.modules["mmseg"].__file__).parent
+    before = set(sys.modules)
+    try:
+        for name in packages:
+            package = types.ModuleType(name)
+            package.__path__ = [str(root.joinpath(*name.split(".")[1:]))]
+            sys.modules[name] = package
+        yield root
+    finally:
+        for name in set(sys.modules) - before:
+            if name.startswith(packages):
+                del sys.modules[name]
 
 
 @functools.cache
@@ -37,23 +64,12 @@ def mmseg_mit_class() -> type[nn.Module]:
         from mmseg.models.backbones.mit import MixVisionTransformer
 
         return MixVisionTransformer
-    root = Path(sys.modules["mmseg"].__file__).parent
-    packages = ("mmseg.models", "mmseg.models.utils", "mmseg.models.backbones")
-    before = set(sys.modules)
-    try:
-        for name in packages:
-            package = types.ModuleType(name)
-            package.__path__ = [str(root.joinpath(*name.split(".")[1:]))]
-            sys.modules[name] = package
+    with mmseg_source_packages(("mmseg.models", "mmseg.models.utils", "mmseg.models.backbones")):
         utils = sys.modules["mmseg.models.utils"]
         embed = importlib.import_module("mmseg.models.utils.embed")
         shape = importlib.import_module("mmseg.models.utils.shape_convert")
         utils.PatchEmbed, utils.nchw_to_nlc, utils.nlc_to_nchw = embed.PatchEmbed, shape.nchw_to_nlc, shape.nlc_to_nchw
         return importlib.import_module("mmseg.models.backbones.mit").MixVisionTransformer
-    finally:
-        for name in set(sys.modules) - before:
-            if name.startswith("mmseg.models"):
-                del sys.modules[name]
 
 
 def randomize_(module: nn.Module, seed: int) -> nn.Module:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from mapsage_ds.data.loaders import eval_batches_per_rank, eval_shard
-from mapsage_ds.errors import DataError
+from mapsage_ds.errors import ConfigError, DataError
 from mapsage_ds.evaluation.metrics import BoundaryIoU, ConfusionMatrix, SegmentationMetrics
 from mapsage_ds.evaluation.predictor import Ensemble, Predictor, eval_mode
 from mapsage_ds.evaluation.protocol import EvalProtocol
@@ -28,6 +28,20 @@ class Refiner(Protocol):
 
     def refine(self, images: Tensor, probabilities: Tensor, *, valid: Tensor | None = None) -> Tensor:
         """Refined labels ``[N, H, W]`` from ``uint8`` images and class probabilities."""
+
+
+@runtime_checkable
+class MultiPredictor(Protocol):
+    """A predictor that scores several protocols in one pass (e.g. :class:`mapsage_ds.evaluation.sweep.TTASweep`).
+
+    Besides what :class:`Predictor` offers to the loop (``forward_counts``, ``pad_forwards``,
+    ``forwards_run``, ``modules``), it answers one prediction per protocol.
+    """
+
+    num_outputs: int
+
+    def predict_each(self, images: Tensor) -> list[Tensor]:
+        """One ``[N, H, W]`` class-index map per protocol, in order."""
 
 
 @dataclass
@@ -49,12 +63,15 @@ class EvaluationResult:
         before_refinement: Scores of the coarse predictions when a refiner ran, else None.
         panels: The first few images of the dataset with their predictions (the same on every rank).
         forwards: Model forwards this rank ran, padding included (equal on every rank).
+        outputs: Scores of each output of a :class:`MultiPredictor`, in order (``metrics`` is the
+            first); ``[metrics]`` for a plain predictor.
     """
 
     metrics: SegmentationMetrics
     before_refinement: SegmentationMetrics | None = None
     panels: list[Panel] = field(default_factory=list)
     forwards: int = 0
+    outputs: list[SegmentationMetrics] = field(default_factory=list)
 
 
 class _Meters:
@@ -94,7 +111,7 @@ def _max_over_ranks(counts: list[int], device: torch.device, world_size: int) ->
 
 @torch.no_grad()
 def run_evaluation(
-    predictor: Predictor | Ensemble | SegmentationTask,
+    predictor: Predictor | Ensemble | SegmentationTask | MultiPredictor,
     dataset: Dataset,
     *,
     device: torch.device,
@@ -118,7 +135,8 @@ def run_evaluation(
     Args:
         predictor: A :class:`Predictor` or :class:`Ensemble` fed with the dataset's images
             (raw ``uint8`` when it normalises them itself); a bare :class:`SegmentationTask`
-            is evaluated whole-image on images the dataset already standardised.
+            is evaluated whole-image on images the dataset already standardised. A
+            :class:`MultiPredictor` (the TTA sweep) gets one set of metrics per output.
         dataset: Items ``{"image": [3, H, W], "mask": int64 [H, W], "name": str}``.
         device: This rank's device.
         rank: This rank.
@@ -139,8 +157,13 @@ def run_evaluation(
     Raises:
         DataError: If an item has no mask (e.g. the hidden-label Test split) or the images of
             a batch differ in size.
+        ConfigError: If a refiner is given with a :class:`MultiPredictor`.
     """
     predictor = as_predictor(predictor)
+    multi = isinstance(predictor, MultiPredictor)
+    if multi and refiner is not None:
+        raise ConfigError("refinement scores one protocol; a predictor of several protocols (the TTA sweep) "
+                          "cannot be refined")
     protocol = protocol or EvalProtocol()
     batch_size = protocol.batch_size
     num_images = len(dataset) if protocol.max_images is None else min(protocol.max_images, len(dataset))
@@ -148,7 +171,7 @@ def run_evaluation(
     steps = eval_batches_per_rank(num_images, world_size=world_size, batch_size=batch_size)
     meter_args = dict(class_names=class_names, ignore_index=ignore_index, device=device,
                       boundary_width=protocol.boundary_width, boundary_dilation_ratio=protocol.boundary_dilation_ratio)
-    final = _Meters(**meter_args)
+    finals = [_Meters(**meter_args) for _ in range(predictor.num_outputs if multi else 1)]
     coarse = _Meters(**meter_args) if refiner is not None else None
     panels: list[tuple[int, Panel]] = []
     with eval_mode(predictor):
@@ -169,21 +192,26 @@ def run_evaluation(
             needed = _max_over_ranks(mine, device, world_size)
             if samples:
                 masks = torch.stack([s["mask"] for s in samples]).to(device)
-                if refiner is None:
-                    prediction = predictor.predict(images)
+                if multi:
+                    predictions = predictor.predict_each(images)
+                elif refiner is None:
+                    predictions = [predictor.predict(images)]
                 else:
                     probabilities = predictor.probabilities(images)
                     coarse.update(probabilities.argmax(dim=1), masks)
-                    prediction = refiner.refine(images, probabilities, valid=masks != ignore_index)
-                final.update(prediction, masks)
+                    predictions = [refiner.refine(images, probabilities, valid=masks != ignore_index)]
+                for meters, prediction in zip(finals, predictions, strict=True):
+                    meters.update(prediction, masks)
+                prediction = predictions[0]
                 for index, sample, pred in zip(chunk, samples, prediction):
                     if index < num_panels:
                         panels.append((index, Panel(str(sample.get("name", index)), sample["image"].cpu(),
                                                     sample["mask"].cpu(), pred.cpu())))
             predictor.pad_forwards([n - m for n, m in zip(needed, mine)], device)
-        return EvaluationResult(final.finish(), coarse.finish() if coarse is not None else None,
+        outputs = [meters.finish() for meters in finals]
+        return EvaluationResult(outputs[0], coarse.finish() if coarse is not None else None,
                                 _gather_panels(panels, world_size) if num_panels else [],
-                                predictor.forwards_run - forwards_before)
+                                predictor.forwards_run - forwards_before, outputs)
 
 
 def _gather_panels(panels: list[tuple[int, Panel]], world_size: int) -> list[Panel]:

@@ -9,8 +9,11 @@ What gets averaged, and why:
     * Sliding windows of one model: logits are summed over the windows covering a pixel and
       divided by that pixel's window count (the windows come from the same network, so their
       logits share one scale).
-    * TTA views of one model (scales × flips): logits are averaged, for the same reason, after
-      each view is flipped back and resized to the input size.
+    * TTA views of one model (scales × flips or the dihedral group ``d4``): logits are averaged, for
+      the same reason, after each view is mapped back by its exact inverse (flipped back, turned
+      back) and resized to the input size. The sum runs in :attr:`EvalProtocol.views` order
+      (:func:`average_views`), so that anything combining cached view logits in that order (the
+      TTA sweep) gets these logits bit for bit.
     * Ensemble members: softmax probabilities are averaged with the members' weights. Models
       trained separately (other losses, other backbones) have logits of different scale, so a
       logit average would let the most over-confident model dominate whatever its weight;
@@ -25,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,10 +36,14 @@ from torch import Tensor, nn
 
 from mapsage_ds.data.transforms import Normalize
 from mapsage_ds.errors import ConfigError, DataError
-from mapsage_ds.evaluation.protocol import FLIPS, EvalProtocol
+from mapsage_ds.evaluation.protocol import VIEWS, EvalProtocol
 from mapsage_ds.tasks.segmentation import upsample_logits
 
-__all__ = ["Ensemble", "Predictor", "eval_mode", "normalize_images", "window_starts"]
+__all__ = ["Ensemble", "Predictor", "apply_view", "average_views", "eval_mode", "invert_view", "normalize_images",
+           "window_starts"]
+
+# A TTA view: (scale, view name of protocol.VIEWS).
+ViewKey = tuple[float, str]
 
 # Side of the dummy input of padding forwards (any size the networks accept will do).
 _PADDING_INPUT_SIDE = 64
@@ -56,6 +63,39 @@ def window_starts(length: int, tile: int, stride: int) -> list[int]:
 def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
     """Size of an image resized by ``scale`` (rounded half up, at least 1 pixel)."""
     return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+
+
+def apply_view(x: Tensor, view: str) -> Tensor:
+    """The dihedral view ``view`` (:data:`~mapsage_ds.evaluation.protocol.VIEWS`) of images, contiguous.
+
+    A quarter turn swaps the last two sides; the result is made contiguous so that the model sees
+    the same memory layout as for an image that was never turned.
+
+    Shape:
+        - x: ``[..., H, W]``; returns ``[..., H, W]``, or ``[..., W, H]`` for an odd number of turns.
+    """
+    turns, flip = VIEWS[view]
+    out = torch.rot90(x, turns, dims=(-2, -1)) if turns else x
+    out = out.flip(-1) if flip else out
+    return out.contiguous() if out is not x else x
+
+
+def invert_view(x: Tensor, view: str) -> Tensor:
+    """The inverse of :func:`apply_view`: flip back, then turn back; exact (``invert_view(apply_view(x)) == x``)."""
+    turns, flip = VIEWS[view]
+    out = x.flip(-1) if flip else x
+    return torch.rot90(out, -turns, dims=(-2, -1)) if turns else out
+
+
+def average_views(outputs: Iterable[Tensor]) -> Tensor:
+    """Mean of view logits, summed left to right in the given order (the order fixes the rounding)."""
+    total, count = None, 0
+    for out in outputs:
+        total = out if total is None else total + out
+        count += 1
+    if total is None:
+        raise ConfigError("no TTA view to average")
+    return total / count
 
 
 def normalize_images(images: Tensor, normalize: Normalize | None) -> Tensor:
@@ -112,21 +152,29 @@ class Predictor:
 
     @torch.no_grad()
     def logits(self, images: Tensor) -> Tensor:
-        """Logits averaged over the TTA views, at the input resolution."""
+        """Logits averaged over the TTA views (:attr:`EvalProtocol.views`), at the input resolution."""
+        return average_views(out for _, out in self._each_view(images, self.protocol.views))
+
+    @torch.no_grad()
+    def view_logits(self, images: Tensor, views: Sequence[ViewKey]) -> dict[ViewKey, Tensor]:
+        """Each view's logits, mapped back to the input geometry and size (one pass per distinct view).
+
+        :meth:`logits` is ``average_views`` of these, taken in ``protocol.views`` order; the TTA sweep
+        computes the views of many protocols once and combines them.
+        """
+        return dict(self._each_view(images, list(dict.fromkeys(views))))
+
+    def _each_view(self, images: Tensor, views: Sequence[ViewKey]) -> Iterator[tuple[ViewKey, Tensor]]:
         x = normalize_images(images, self.normalize)
         height, width = x.shape[-2:]
-        total = None
-        for scale in self.protocol.tta_scales:
-            size = scaled_size(height, width, scale)
-            resized = x if size == (height, width) else F.interpolate(x, size=size, mode="bilinear",
-                                                                       align_corners=False)
-            for flip in (None, *self.protocol.tta_flip):
-                dims = FLIPS[flip] if flip else ()
-                view = resized.flip(dims) if dims else resized
-                out = self._view_logits(view)
-                out = upsample_logits(out.flip(dims) if dims else out, (height, width))
-                total = out if total is None else total + out
-        return total / self.protocol.num_views
+        resized: dict[float, Tensor] = {}  # the current scale only: views come grouped by scale
+        for scale, view in views:
+            if scale not in resized:
+                size = scaled_size(height, width, scale)
+                resized = {scale: x if size == (height, width) else F.interpolate(x, size=size, mode="bilinear",
+                                                                                   align_corners=False)}
+            out = invert_view(self._view_logits(apply_view(resized[scale], view)), view)
+            yield (scale, view), upsample_logits(out, (height, width))
 
     def probabilities(self, images: Tensor) -> Tensor:
         """Softmax of :meth:`logits` over classes."""
@@ -138,17 +186,33 @@ class Predictor:
 
     def forward_counts(self, batch: int, height: int, width: int) -> list[int]:
         """Model forwards :meth:`logits` runs for ``batch`` images of this size (one entry)."""
-        protocol, count = self.protocol, 0
-        for scale in protocol.tta_scales:
+        return [self.view_forwards(batch, height, width, self.protocol.views)]
+
+    def view_forwards(self, batch: int, height: int, width: int, views: Sequence[ViewKey]) -> int:
+        """Model forwards that ``batch`` images of this size take for these views (window batches counted)."""
+        protocol = self.protocol
+        if protocol.mode == "whole":
+            return len(views)
+        return sum(math.ceil(batch * self.view_windows(height, width, [key]) / protocol.window_batch_size)
+                   for key in views)
+
+    def view_windows(self, height: int, width: int, views: Sequence[ViewKey]) -> int:
+        """Network evaluations of one image of this size for these views: 1 per view whole, its windows sliding.
+
+        Unlike :meth:`view_forwards` this does not depend on how windows are batched: it is the cost of a
+        protocol in windows (a quarter-turned view swaps the sides, which leaves the count unchanged).
+        """
+        protocol = self.protocol
+        if protocol.mode == "whole":
+            return len(views)
+        total = 0
+        for scale, view in views:
             h, w = scaled_size(height, width, scale)
-            if protocol.mode == "whole":
-                per_view = 1
-            else:
-                windows = batch * len(window_starts(h, protocol.tile, protocol.stride)) * len(
-                    window_starts(w, protocol.tile, protocol.stride))
-                per_view = math.ceil(windows / protocol.window_batch_size)
-            count += per_view * (1 + len(protocol.tta_flip))
-        return [count]
+            if VIEWS[view][0] % 2:
+                h, w = w, h
+            total += len(window_starts(h, protocol.tile, protocol.stride)) * len(
+                window_starts(w, protocol.tile, protocol.stride))
+        return total
 
     @torch.no_grad()
     def pad_forwards(self, counts: Sequence[int], device: torch.device) -> None:
@@ -220,9 +284,12 @@ class Ensemble:
     @torch.no_grad()
     def probabilities(self, images: Tensor) -> Tensor:
         """Weighted mean of the members' class probabilities, ``[N, C, H, W]``."""
+        return self.mix(predictor.probabilities(images) for predictor, _ in self.members)
+
+    def mix(self, member_probabilities: Iterable[Tensor]) -> Tensor:
+        """Weighted mean of one probability tensor per member, in member order (as :meth:`probabilities`)."""
         mixed = None
-        for index, (predictor, weight) in enumerate(self.members):
-            probs = predictor.probabilities(images)
+        for index, ((_, weight), probs) in enumerate(zip(self.members, member_probabilities, strict=True)):
             if mixed is not None and probs.shape != mixed.shape:
                 raise DataError(f"ensemble member {index} gives scores of shape {tuple(probs.shape)}, "
                                 f"member 0 gives {tuple(mixed.shape)}: members must share the classes")

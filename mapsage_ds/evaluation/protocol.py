@@ -12,13 +12,41 @@ from dataclasses import asdict, dataclass, field, fields
 from mapsage_ds.errors import ConfigError
 
 MODES = ("whole", "slide")
-# TTA flip name -> tensor dims flipped (images are [N, C, H, W]).
-FLIPS: dict[str, tuple[int, ...]] = {"h": (-1,), "v": (-2,), "hv": (-2, -1)}
+# The eight dihedral views of an image [.., H, W]: name -> (quarter turns of torch.rot90 over (H, W),
+# counter-clockwise, then a horizontal flip or not). Each is a pure permutation of pixels, so a view
+# and its inverse (flip back, then turn back) are exact.
+VIEWS: dict[str, tuple[int, bool]] = {
+    "identity": (0, False), "rot90": (1, False), "hv": (2, False), "rot270": (3, False),
+    "h": (0, True), "antitranspose": (1, True), "v": (2, True), "transpose": (3, True),
+}
+# TTA flip option (eval.tta_flip) -> the views it adds to the identity; "d4" is the whole dihedral
+# group (rotations by 0/90/180/270 degrees and the horizontal flip of each; hv is the 180 degree turn).
+FLIPS: dict[str, tuple[str, ...]] = {
+    "h": ("h",), "v": ("v",), "hv": ("hv",),
+    "d4": ("rot90", "hv", "rot270", "h", "antitranspose", "v", "transpose"),
+}
+
+
+def flip_views(tta_flip: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """The views of one scale: the identity, then each flip option's views, in order."""
+    return ("identity", *(view for flip in tta_flip for view in FLIPS[flip]))
+
+
+def overlapping_flips(tta_flip: list[str] | tuple[str, ...]) -> list[tuple[str, str, list[str]]]:
+    """Pairs of flip options that share views (``h`` and ``d4``), with the shared views; empty when valid."""
+    return [(a, b, [v for v in FLIPS[a] if v in FLIPS[b]])
+            for i, a in enumerate(tta_flip) for b in tta_flip[i + 1:]
+            if a in FLIPS and b in FLIPS and a != b and set(FLIPS[a]) & set(FLIPS[b])]
 
 
 @dataclass(frozen=True)
 class EnsembleMember:
-    """One exported model of an ensemble; members' softmax probabilities are averaged with these weights."""
+    """One exported model of an ensemble; members' softmax probabilities are averaged with these weights.
+
+    Attributes:
+        path: An export directory of a training run (``export/`` or ``best/``).
+        weight: Weight of this member's softmax probabilities in the ensemble's average (> 0).
+    """
 
     path: str
     weight: float = 1.0
@@ -58,8 +86,9 @@ class EvalProtocol:
         stride: Step between window origins (slide), ``0 < stride <= tile``.
         tta_scales: TTA scale factors; each view is resized by the factor, predicted, and its
             logits resized back to the input size.
-        tta_flip: Extra TTA views per scale: any of ``"h"``, ``"v"``, ``"hv"``; the unflipped
-            view is always included.
+        tta_flip: Extra TTA views per scale (:data:`FLIPS`): any of ``"h"``, ``"v"``, ``"hv"``, or
+            ``"d4"`` alone (the eight rotations and flips of the dihedral group); the identity view is
+            always included.
         window_batch_size: Windows per forward pass (slide).
         batch_size: Images per evaluation step.
         max_images: Evaluate the first N images only (None: all).
@@ -100,6 +129,9 @@ class EvalProtocol:
         unknown = [f for f in self.tta_flip if f not in FLIPS]
         if unknown or len(set(self.tta_flip)) != len(self.tta_flip):
             problems.append(f"eval.tta_flip={self.tta_flip}: expected distinct values among {', '.join(FLIPS)}")
+        problems += [f"eval.tta_flip={self.tta_flip}: {a} and {b} both hold the view(s) {', '.join(shared)}; "
+                     "expected options without common views (d4 already holds h, v and hv: give d4 alone)"
+                     for a, b, shared in overlapping_flips(self.tta_flip)]
         for name in ("window_batch_size", "batch_size"):
             if getattr(self, name) <= 0:
                 problems.append(f"eval.{name}={getattr(self, name)}: expected a value > 0")
@@ -124,9 +156,18 @@ class EvalProtocol:
             raise ConfigError("invalid evaluation protocol:\n  " + "\n  ".join(problems))
 
     @property
+    def views(self) -> list[tuple[float, str]]:
+        """The TTA views as ``(scale, view name)`` pairs, in the order the predictor averages them.
+
+        For each scale: the identity, then each flip option's views (:data:`FLIPS`, :data:`VIEWS`).
+        """
+        per_scale = flip_views(self.tta_flip)
+        return [(scale, view) for scale in self.tta_scales for view in per_scale]
+
+    @property
     def num_views(self) -> int:
-        """TTA views per image: scales × (1 + flips)."""
-        return len(self.tta_scales) * (1 + len(self.tta_flip))
+        """TTA views per image: scales × (1 + the flip options' views); ``d4`` alone is 8 per scale."""
+        return len(self.tta_scales) * len(flip_views(self.tta_flip))
 
     def scored(self) -> dict[str, object]:
         """The settings that change a score (slide geometry only in slide mode); equal dicts score alike.

@@ -27,8 +27,8 @@ from mapsage_ds.errors import DataError, MissingFileError
 from mapsage_ds.evaluation.metrics import SegmentationMetrics, class_names_or_default, percent
 from mapsage_ds.files import json_safe, write_json
 
-__all__ = ["METRICS_FILE", "colorize", "leaderboard_markdown", "metrics_markdown", "overlay", "read_report",
-           "report_dict", "row_normalised", "save_label_png", "write_report"]
+__all__ = ["METRICS_FILE", "colorize", "leaderboard_markdown", "leaderboard_table", "metrics_markdown", "overlay",
+           "read_report", "report_dict", "row_normalised", "save_label_png", "write_report"]
 
 METRICS_FILE = "metrics.json"
 _IGNORE_COLOUR = (0, 0, 0)
@@ -253,15 +253,33 @@ def leaderboard_markdown(reports: Sequence[str | Path]) -> str:
         other = class_names_or_default(row.get("class_names"), len(row["iou"]))
         if other != names:
             raise DataError(f"{path}: classes {other} differ from {names}; the runs are not comparable")
-    rows.sort(key=lambda r: -(r["miou"] if r["miou"] is not None else -math.inf))
-    header = ["#", "run", "mIoU %", "mBIoU %", "OA %", "mF1 %", "split", "protocol", *names]
+    return leaderboard_table(rows)
+
+
+def leaderboard_table(rows: Sequence[dict[str, Any]], *, extra_columns: Sequence[tuple[str, str]] = ()) -> str:
+    """The markdown table of :func:`leaderboard_markdown` from report dicts (:func:`report_dict`), best mIoU first.
+
+    The sort is stable: rows of equal mIoU keep their order. ``extra_columns`` are ``(header, key)``
+    pairs shown after the protocol (e.g. the TTA sweep's cost); floats print with 4 significant digits.
+    """
+    rows = sorted(rows, key=lambda r: -(r["miou"] if r["miou"] is not None else -math.inf))
+    names = class_names_or_default(rows[0].get("class_names"), len(rows[0]["iou"])) if rows else []
+    header = ["#", "run", "mIoU %", "mBIoU %", "OA %", "mF1 %", "split", "protocol",
+              *(title for title, _ in extra_columns), *names]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for rank, row in enumerate(rows, start=1):
         cells = [str(rank), str(row["name"]), percent(row["miou"]), percent(row.get("mean_boundary_iou")),
                  percent(row.get("overall_accuracy")), percent(row.get("mean_f1")), str(row.get("split", "")),
-                 _protocol_summary(row), *(percent(v) for v in row["iou"])]
+                 _protocol_summary(row), *(_cell(row.get(key)) for _, key in extra_columns),
+                 *(percent(v) for v in row["iou"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _protocol_summary(row: dict[str, Any]) -> str:
@@ -271,11 +289,13 @@ def _protocol_summary(row: dict[str, Any]) -> str:
     text = protocol.get("mode", "")
     if text == "slide":
         text += f" {protocol.get('tile')}/{protocol.get('stride')}"
-    scales = protocol.get("scales") or [1.0]
+    # Reports hold EvalProtocol.to_dict() (tta_scales, tta_flip); "scales"/"flips" are older reports' keys.
+    scales = protocol.get("tta_scales") or protocol.get("scales") or [1.0]
     if list(scales) != [1.0]:
         text += " s" + ",".join(f"{s:g}" for s in scales)
-    if protocol.get("flips"):
-        text += " flip " + ",".join(protocol["flips"])
+    flips = protocol.get("tta_flip") or protocol.get("flips")
+    if flips:
+        text += " flip " + ",".join(flips)
     if row.get("refinement"):
         text += f" +{row['refinement'].get('method', 'refined')}"
     return text

@@ -1,8 +1,9 @@
-"""DINOv3 ViT backbone (HF ``DINOv3ViTModel``) with a multi-level fusion segmentation head.
+"""DINOv3 ViT backbone (HF ``DINOv3ViTModel``) with a segmentation head (``model.head``).
 
 Patch tokens are taken from several intermediate layers, normalised with the backbone's final
-norm, stripped of the CLS and register tokens, reshaped to (B, C, H/16, W/16) maps and fused by
-:class:`FusionHead` into class logits at 1/4 of the input resolution.
+norm, stripped of the CLS and register tokens, reshaped to (B, C, H/16, W/16) maps and decoded
+into class logits at 1/4 of the input resolution by the fusion head (default), UPerNet with its
+simple-feature-pyramid neck, or the linear probe (:mod:`mapsage_ds.models.decode_heads`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from transformers import DINOv3ViTConfig, DINOv3ViTModel
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
 from mapsage_ds.errors import ConfigError, MissingFileError
+from mapsage_ds.models.decode_heads import FusionHead, build_vit_head, resolve_head
 from mapsage_ds.models.normalization import SATELLITE_MEAN, SATELLITE_STD
 from mapsage_ds.models.weights import KeyReport, load_safetensors
 
@@ -105,38 +107,22 @@ def default_feature_layers(num_layers: int, count: int = 4) -> list[int]:
     return [num_layers - 1 - step * (count - 1 - i) for i in range(count)]
 
 
-class FusionHead(nn.Module):
-    """Project each level, upsample to 1/4 resolution, concatenate, fuse, classify.
-
-    Shape:
-        features: ``levels`` tensors (B, C_in, h, w) -> logits (B, num_classes, 4h, 4w)
-    """
-
-    def __init__(self, in_channels: int, levels: int, channels: int, num_classes: int, dropout: float = 0.1):
-        super().__init__()
-        self.projections = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(in_channels, channels, 1, bias=False), nn.BatchNorm2d(channels), nn.GELU())
-            for _ in range(levels)
-        )
-        self.fuse = nn.Sequential(nn.Conv2d(channels * levels, channels, 3, padding=1, bias=False),
-                                  nn.BatchNorm2d(channels), nn.GELU())
-        self.dropout = nn.Dropout2d(dropout)
-        self.classifier = nn.Conv2d(channels, num_classes, 1)
-
-    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        height, width = features[0].shape[-2] * 4, features[0].shape[-1] * 4
-        projected = [
-            F.interpolate(project(f), size=(height, width), mode="bilinear", align_corners=False)
-            for project, f in zip(self.projections, features, strict=True)
-        ]
-        return self.classifier(self.dropout(self.fuse(torch.cat(projected, dim=1))))
-
-
 class DINOv3Segmenter(nn.Module):
-    """DINOv3 ViT + :class:`FusionHead`; ``forward(pixel_values)`` returns ``.logits`` at 1/4 resolution.
+    """DINOv3 ViT + a decode head; ``forward(pixel_values)`` returns ``.logits`` at 1/4 resolution.
 
     Inputs whose sides are not multiples of 16 are zero-padded (DINOv3 would silently floor
     them) and the logits are cropped back to the unpadded extent.
+
+    Args:
+        backbone_config: the ViT's config.
+        num_classes: one output per class.
+        feature_layers: the layers whose patch maps the head reads; None: four evenly spaced ones
+            ending with the last (the linear probe: the last layer only).
+        head: ``fusion``, ``upernet`` or ``linear`` (``auto``: fusion).
+        head_channels: the head's hidden width; None: 256 for fusion, 512 for UPerNet.
+        head_norm: ``batch`` or ``group`` normalisation in the fusion and UPerNet heads.
+        pretrained: an HF backbone directory to load.
+        dtype: load the backbone in, and cast the head to, this dtype.
     """
 
     def __init__(
@@ -145,30 +131,43 @@ class DINOv3Segmenter(nn.Module):
         *,
         num_classes: int,
         feature_layers: list[int] | None = None,
-        head_channels: int = 256,
+        head: str = "fusion",
+        head_channels: int | None = None,
+        head_norm: str = "batch",
         pretrained: str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.backbone_report: KeyReport | None = None
         if pretrained is not None:
+            # Loaded straight into ``dtype``: a 7B backbone never exists as a full fp32 copy.
             self.backbone, info = DINOv3ViTModel.from_pretrained(pretrained, config=backbone_config,
-                                                                 output_loading_info=True)
+                                                                 output_loading_info=True,
+                                                                 **({"dtype": dtype} if dtype else {}))
             self.backbone_report = _loading_report(pretrained, self.backbone, info)
         else:
             # _from_config runs HF weight initialisation (plain construction under zero.Init skips it).
             self.backbone = DINOv3ViTModel._from_config(backbone_config)
         layers = backbone_config.num_hidden_layers
-        self.feature_layers = feature_layers or default_feature_layers(layers)
+        self.head_type, self.head_channels = resolve_head("dinov3", head, head_channels)
+        self.head_norm = head_norm
+        # The linear probe of DINOv2/DINOv3 reads the last layer only.
+        default_layers = [layers - 1] if self.head_type == "linear" else default_feature_layers(layers)
+        self.feature_layers = list(feature_layers or default_layers)
         if any(not 0 <= i < layers for i in self.feature_layers):
             raise ConfigError(f"model.feature_layers={self.feature_layers}: expected indices in 0..{layers - 1}")
         self.prefix_tokens = 1 + backbone_config.num_register_tokens
-        self.num_classes, self.head_channels = num_classes, head_channels
-        self.head = FusionHead(backbone_config.hidden_size, len(self.feature_layers), head_channels, num_classes)
+        self.num_classes = num_classes
+        self.head = build_vit_head(self.head_type, hidden_size=backbone_config.hidden_size,
+                                   levels=len(self.feature_layers), channels=self.head_channels,
+                                   num_classes=num_classes, norm=head_norm)
+        if dtype is not None:
+            self.head.to(dtype)
 
     def head_config(self) -> dict:
-        """What :func:`load_dinov3_export` needs to rebuild the head."""
+        """What :func:`load_dinov3_export` needs to rebuild the head (``head_channels`` is null for linear)."""
         return {"arch": "dinov3", "num_classes": self.num_classes, "feature_layers": self.feature_layers,
-                "head_channels": self.head_channels}
+                "head": self.head_type, "head_channels": self.head_channels, "head_norm": self.head_norm}
 
     def extract_features(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """Normalised patch-token maps (B, C, H/16, W/16) of the chosen layers (input already padded)."""
@@ -191,13 +190,17 @@ class DINOv3Segmenter(nn.Module):
         return SemanticSegmenterOutput(logits=logits, hidden_states=tuple(features) if output_hidden_states else None)
 
 
-def load_dinov3_export(path: str | Path) -> DINOv3Segmenter:
-    """Rebuild a :class:`DINOv3Segmenter` from an export directory (backbone + head files)."""
+def load_dinov3_export(path: str | Path, *, dtype: torch.dtype | None = None) -> DINOv3Segmenter:
+    """Rebuild a :class:`DINOv3Segmenter` from an export directory (backbone + head files), in ``dtype`` if given.
+
+    Exports from before ``model.head`` existed carry no head type: theirs is the fusion head.
+    """
     path = Path(path)
     head = json.loads((path / HEAD_CONFIG).read_text())
     config = DINOv3ViTConfig.from_pretrained(str(path))
     model = DINOv3Segmenter(config, num_classes=head["num_classes"], feature_layers=head["feature_layers"],
-                            head_channels=head["head_channels"], pretrained=str(path))
+                            head=head.get("head", "fusion"), head_channels=head["head_channels"],
+                            head_norm=head.get("head_norm", "batch"), pretrained=str(path), dtype=dtype)
     if model.backbone_report.missing or model.backbone_report.unexpected:
         raise MissingFileError(f"{path}: backbone weights incomplete\n{model.backbone_report.summary()}")
     model.head.load_state_dict(load_safetensors(path / HEAD_WEIGHTS), strict=True)

@@ -15,11 +15,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import SegformerForSemanticSegmentation
 
 from mapsage_ds.data.transforms import Normalize
 from mapsage_ds.errors import ConfigError, MissingFileError
+from mapsage_ds.models.decode_heads import HEAD_NORMS, resolve_head
 from mapsage_ds.models.dinov3 import HEAD_CONFIG, DINOv3Segmenter, dinov3_config, dinov3_layer_id, load_dinov3_export
 from mapsage_ds.models.normalization import (
     DECISION_FIELD,
@@ -28,7 +30,9 @@ from mapsage_ds.models.normalization import (
     decide_normalization,
 )
 from mapsage_ds.models.segformer import (
+    HEAD_FIELD,
     SEGFORMER_SIZES,
+    SegformerWithHead,
     segformer_config,
     segformer_config_from_checkpoint,
     segformer_layer_id,
@@ -87,6 +91,9 @@ def build_model(
     ds_config: dict[str, Any] | None = None,
     drop_path_rate: float = 0.1,
     normalization: Any = None,
+    head: str = "auto",
+    head_channels: int | None = None,
+    head_norm: str = "batch",
     verbose: bool = False,
     strict: bool = True,
 ) -> BuiltModel:
@@ -107,18 +114,26 @@ def build_model(
         drop_path_rate: stochastic depth.
         normalization: ``model.normalization`` (``{mean, std}`` mapping or an object with those
             attributes) overriding the statistics of the checkpoint's pretraining data.
+        head: ``auto`` (the architecture's own: DINOv3 fusion, SegFormer all-MLP), ``fusion``
+            (DINOv3), ``upernet`` or ``linear`` (:mod:`~mapsage_ds.models.decode_heads`).
+        head_channels: the head's hidden width; None: its default (fusion 256, UPerNet 512).
+        head_norm: ``batch`` or ``group`` normalisation inside the fusion / UPerNet head.
         verbose: print the weight report and the normalisation decision (on the calling rank).
         strict: False only to inspect a checkpoint (the health check): a backbone that does not
             fit is then described in ``report`` instead of raised.
 
     Raises:
         ConfigError: unknown architecture or size, a size that is not the checkpoint's, an
-            architecture that is not the checkpoint's, or a DINOv3 checkpoint of unknown
-            pretraining data without ``normalization``.
+            architecture that is not the checkpoint's, a head the architecture does not take, or
+            a DINOv3 checkpoint of unknown pretraining data without ``normalization``.
         DataError: a backbone tensor is missing or shape-mismatched, or did not load exactly.
     """
     if arch not in ARCHITECTURES:
         raise ConfigError(f"model.arch='{arch}': expected one of {', '.join(ARCHITECTURES)}")
+    if head_norm not in HEAD_NORMS:
+        raise ConfigError(f"model.head_norm='{head_norm}': expected one of {', '.join(HEAD_NORMS)}")
+    head_kind, channels = resolve_head(arch, head, head_channels)
+    head_spec = {"type": head_kind, "channels": channels, "norm": head_norm}
     converted = None
     if pretrained is not None:
         from mapsage_ds.models.convert.sources import read_pretrained
@@ -131,9 +146,11 @@ def build_model(
     decision = decide_normalization(arch=arch, pretrained=pretrained, override=_as_override(normalization),
                                     checkpoint_pretraining=converted.pretraining if converted else None)
     if arch == "segformer":
-        built = _build_segformer(size, class_names, pretrained, converted, ds_config, drop_path_rate, decision, strict)
+        built = _build_segformer(size, class_names, pretrained, converted, ds_config, drop_path_rate, decision, strict,
+                                 head_spec)
     else:
-        built = _build_dinov3(size, class_names, pretrained, converted, ds_config, drop_path_rate, decision, strict)
+        built = _build_dinov3(size, class_names, pretrained, converted, ds_config, drop_path_rate, decision, strict,
+                              head_spec)
     if verbose:
         if built.report is not None:
             print(built.report.summary(), flush=True)
@@ -158,7 +175,7 @@ def _record_identity(config: Any, decision: NormalizationDecision, identity: str
 
 
 def _build_segformer(size, class_names, pretrained, converted, ds_config, drop_path_rate, decision,
-                     strict) -> BuiltModel:
+                     strict, head_spec) -> BuiltModel:
     if converted is None:
         if size == "auto":
             raise ConfigError("model.size='auto' takes the architecture from model.pretrained, which is not set")
@@ -169,9 +186,13 @@ def _build_segformer(size, class_names, pretrained, converted, ds_config, drop_p
                                                   has_decode_head=has_head)
     config.drop_path_rate = drop_path_rate
     _record_identity(config, decision, converted.pretraining if converted else None)
+    model_class = SegformerForSemanticSegmentation
+    if head_spec["type"] != "auto":  # the project's head on the MiT stages, described in the config
+        setattr(config, HEAD_FIELD, head_spec)
+        model_class = SegformerWithHead
     with zero3_construction(ds_config):
         # _from_config runs HF weight initialisation, which plain construction under zero.Init skips.
-        model = SegformerForSemanticSegmentation._from_config(config)
+        model = model_class._from_config(config)
     layer_id = partial(segformer_layer_id, depths=list(config.depths))
     report = None
     if converted is not None:
@@ -182,13 +203,14 @@ def _build_segformer(size, class_names, pretrained, converted, ds_config, drop_p
 
 
 def _build_dinov3(size, class_names, pretrained, converted, ds_config, drop_path_rate, decision,
-                  strict) -> BuiltModel:
+                  strict, head_spec) -> BuiltModel:
     config = dinov3_config(size, drop_path_rate=drop_path_rate, checkpoint=converted.config if converted else None,
                            source=str(pretrained))
     _record_identity(config, decision, converted.pretraining if converted else None)
     with zero3_construction(ds_config):
         # Born sharded under ZeRO-3: the backbone is built with _from_config inside zero.Init.
-        model = DINOv3Segmenter(config, num_classes=len(class_names))
+        model = DINOv3Segmenter(config, num_classes=len(class_names), head=head_spec["type"],
+                                head_channels=head_spec["channels"], head_norm=head_spec["norm"])
     layers = config.num_hidden_layers
     layer_id = partial(dinov3_layer_id, num_layers=layers)
     report = None
@@ -224,16 +246,24 @@ def enable_activation_checkpointing(module: nn.Module) -> int:
     return len(models)
 
 
-def load_exported(path: str | Path) -> tuple[nn.Module, Normalize]:
-    """A model exported by this project, with the normalisation it was trained with."""
+def load_exported(path: str | Path, *, dtype: torch.dtype | None = None) -> tuple[nn.Module, Normalize]:
+    """A model exported by this project, with the normalisation it was trained with.
+
+    ``dtype`` loads the weights straight into that dtype, tensor by tensor, so that a large
+    model (a distillation teacher in bf16) never exists as a full fp32 copy; None keeps fp32.
+    A DINOv3 export (``mapsage_head.json`` beside the backbone) rebuilds its head from that file;
+    a SegFormer export whose ``config.json`` names a ``mapsage_head`` rebuilds that head.
+    """
     path = Path(path)
     for name in ("config.json", "model.safetensors", "preprocessor_config.json"):
         if not (path / name).is_file():
             raise MissingFileError(f"{path} is not a MapSage export: {name} is missing")
     check_safetensors(path)
     if (path / HEAD_CONFIG).is_file():
-        model = load_dinov3_export(path)
+        model = load_dinov3_export(path, dtype=dtype)
     else:
-        model = SegformerForSemanticSegmentation.from_pretrained(str(path))
+        custom_head = HEAD_FIELD in json.loads((path / "config.json").read_text())
+        model_class = SegformerWithHead if custom_head else SegformerForSemanticSegmentation
+        model = model_class.from_pretrained(str(path), **({"dtype": dtype} if dtype else {}))
     processor = json.loads((path / "preprocessor_config.json").read_text())
     return model, Normalize(mean=tuple(processor["image_mean"]), std=tuple(processor["image_std"]))

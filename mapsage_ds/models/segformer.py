@@ -1,12 +1,18 @@
-"""SegFormer (MiT encoder + all-MLP decoder) from Hugging Face transformers, built by size name."""
+"""SegFormer (MiT encoder + all-MLP decoder) from Hugging Face transformers, built by size name.
+
+With ``model.head`` set to ``upernet`` or ``linear`` the MiT encoder keeps HF's layout and the
+decode head is replaced (:class:`SegformerWithHead`); the choice is recorded in the HF config.
+"""
 
 from __future__ import annotations
 
 import re
 
-from transformers import SegformerConfig, SegformerForSemanticSegmentation
+from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerModel
+from transformers.models.segformer.modeling_segformer import SegformerPreTrainedModel
 
 from mapsage_ds.errors import ConfigError
+from mapsage_ds.models.decode_heads import build_pyramid_head
 
 # Published MiT variants (Xie et al., 2021) plus two small sizes for tests and the CPU demo.
 SEGFORMER_SIZES: dict[str, dict] = {
@@ -83,6 +89,33 @@ def segformer_config_from_checkpoint(
         decoder_hidden_size=decoder_hidden_size,
         **encoder,
     )
+
+
+# The HF config field naming a replaced decode head: {"type": upernet | linear, "channels": int | None, "norm": str}.
+HEAD_FIELD = "mapsage_head"
+
+
+class SegformerWithHead(SegformerForSemanticSegmentation):
+    """SegFormer whose decode head is this project's UPerNet or linear probe on the four MiT stages.
+
+    Parameter names stay HF's (``segformer.*`` encoder, ``decode_head.*`` head), and so do the
+    forward pass, the output and the layer ids; the head is described by ``config.mapsage_head``,
+    which ``save_pretrained`` writes to ``config.json``, so ``from_pretrained`` rebuilds it.
+    Plain ``SegformerForSemanticSegmentation`` would load only the encoder of such a directory.
+    """
+
+    def __init__(self, config: SegformerConfig) -> None:
+        # Skips SegformerForSemanticSegmentation.__init__: its all-MLP head would be built only to be
+        # discarded (under ZeRO-3, as registered shards).
+        SegformerPreTrainedModel.__init__(self, config)
+        spec = getattr(config, HEAD_FIELD, None)
+        if not isinstance(spec, dict) or "type" not in spec:
+            raise ConfigError(f"SegformerWithHead: config.{HEAD_FIELD}={spec!r}; expected {{type, channels, norm}}")
+        self.segformer = SegformerModel(config)
+        self.decode_head = build_pyramid_head(spec["type"], in_channels=list(config.hidden_sizes),
+                                              channels=spec.get("channels"), num_classes=config.num_labels,
+                                              norm=spec.get("norm", "batch"))
+        self.post_init()
 
 
 def build_segformer(size: str, class_names: list[str]) -> SegformerForSemanticSegmentation:
