@@ -7,6 +7,7 @@ means the same thing to all of them.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from mapsage_ds.config import (
     Config,
     DataConfig,
     LossConfig,
+    ModelConfig,
     OptimConfig,
     TrainConfig,
     UnfreezeConfig,
@@ -41,7 +43,7 @@ from mapsage_ds.optim.param_groups import layer_decay_scale
 from mapsage_ds.optim.unfreeze import UnfreezePlan
 from mapsage_ds.planning.plan import MemoryPlan, plan_for_run
 from mapsage_ds.runtime.accelerator import DistributedContext
-from mapsage_ds.runtime.engine import EngineBuilder, fill_ds_config, read_ds_config
+from mapsage_ds.runtime.engine import EngineBuilder, fill_ds_config, fill_zero_comm, read_ds_config
 from mapsage_ds.runtime.failures import raise_if_any_failed
 
 
@@ -146,7 +148,10 @@ def build_train_transform(data: DataConfig, normalize: Normalize) -> TrainTransf
 
 def build_train_stream(data: DataConfig, train_data: TransformedDataset, ctx: DistributedContext, *,
                        batch_size: int, seed: int, num_classes: int) -> TrainStream:
-    """Sampler (uniform or class-aware, optionally one crop size per batch) and batch mixing."""
+    """Sampler (uniform or class-aware, optionally one crop size per batch) and batch mixing.
+
+    Batches are pinned for an accelerator (asynchronous host-to-device copies), not for CPU training.
+    """
     aug = data.augment
     shard = dict(rank=ctx.rank, world_size=ctx.world_size, batch_size=batch_size, seed=seed)
     if data.sampler == "class_aware":
@@ -158,7 +163,8 @@ def build_train_stream(data: DataConfig, train_data: TransformedDataset, ctx: Di
         sampler = BatchCropSizes(sampler, aug.crop_sizes)
     collate = (MixCollate(mixup=aug.mixup, cutmix=aug.cutmix, mixup_alpha=aug.mixup_alpha,
                           cutmix_alpha=aug.cutmix_alpha) if aug.mixup > 0 or aug.cutmix > 0 else None)
-    return TrainStream(train_data, sampler, num_workers=data.num_workers, collate_fn=collate)
+    return TrainStream(train_data, sampler, num_workers=data.num_workers, collate_fn=collate,
+                       pin_memory=ctx.device.type != "cpu")
 
 
 def build_task_loss(loss: LossConfig, *, num_classes: int) -> CompositeLoss:
@@ -177,26 +183,58 @@ def unfreeze_plan(config: UnfreezeConfig | None) -> UnfreezePlan:
     return UnfreezePlan(config.initial_frozen_fraction, tuple((s.at_step, s.frozen_fraction) for s in config.stages))
 
 
-def build_ds_config(train: TrainConfig, optim: OptimConfig, *, world_size: int,
+def build_ds_config(train: TrainConfig, optim: OptimConfig, *, world_size: int, accelerator: str,
                     micro_batch_size: int | None = None, grad_accum_steps: int | None = None) -> dict[str, Any]:
-    """The DeepSpeed config ``train.deepspeed`` names, filled from the run's batch geometry."""
-    return fill_ds_config(
+    """The DeepSpeed config ``train.deepspeed`` names, filled from the run's batch geometry.
+
+    ZeRO's communication settings the config does not state are ``accelerator``'s
+    (:func:`~mapsage_ds.runtime.engine.fill_zero_comm`: on for cards, off for ``cpu``).
+    """
+    filled = fill_ds_config(
         read_ds_config(train.deepspeed), world_size=world_size, grad_clip=optim.grad_clip,
         micro_batch_size=train.micro_batch_size if micro_batch_size is None else micro_batch_size,
         grad_accum_steps=train.grad_accum_steps if grad_accum_steps is None else grad_accum_steps,
     )
+    return fill_zero_comm(filled, accelerator=accelerator)
+
+
+FROM_SCRATCH = "none"  # model.pretrained: training from random weights is intended (null: nothing said)
+
+
+def starting_weights(model: ModelConfig) -> str | None:
+    """The local weights ``model.pretrained`` names; None for null and for ``none`` (from scratch, on purpose)."""
+    return None if model.pretrained in (None, FROM_SCRATCH) else model.pretrained
+
+
+def random_start_warning(config: Config) -> str | None:
+    """The start-up warning of a run on real data that names no starting weights (None when there is nothing to say).
+
+    Generated data (``data.synthetic``) and ``model.pretrained: none`` (training from scratch on
+    purpose) say nothing; a forgotten ``--set model.pretrained=...`` would otherwise cost a whole
+    run on random weights without a word.
+    """
+    if config.model.pretrained is not None or config.data.synthetic is not None:
+        return None
+    return (f"WARNING: model.pretrained is not set: the {config.model.arch} '{config.model.size}' network starts "
+            f"from RANDOM weights. Set model.pretrained=/path/to/local/weights (docs/weights.md), or "
+            f"model.pretrained={FROM_SCRATCH} if training from scratch is intended.")
 
 
 def build_run_model(config: Config, class_names: list[str], *, ds_config: dict[str, Any] | None = None,
                     pretrained: bool = True, verbose: bool = False) -> BuiltModel:
     """The network of ``config.model`` (with its local starting weights unless ``pretrained=False``).
 
-    ``verbose`` prints the weights' key report and the normalisation decision (pass it on rank 0).
+    ``verbose`` prints the weights' key report and the normalisation decision (pass it on rank 0),
+    and, loudly on stderr, :func:`random_start_warning` when no starting weights are named.
     """
     model = config.model
+    if verbose and pretrained and (warning := random_start_warning(config)) is not None:
+        rule = "!" * 100
+        print(f"{rule}\n{warning}\n{rule}", file=sys.stderr, flush=True)
     return build_model(arch=model.arch, size=model.size, class_names=class_names,
-                       pretrained=model.pretrained if pretrained else None, ds_config=ds_config,
-                       drop_path_rate=model.drop_path_rate, normalization=model.normalization, verbose=verbose)
+                       pretrained=starting_weights(model) if pretrained else None, ds_config=ds_config,
+                       drop_path_rate=model.drop_path_rate, normalization=model.normalization, head=model.head,
+                       head_channels=model.head_channels, head_norm=model.head_norm, verbose=verbose)
 
 
 def lr_scales(optim: OptimConfig, built: BuiltModel, *, model_prefix: str = "model."):
@@ -227,11 +265,13 @@ def build_memory_plan(config: Config, built: BuiltModel, *, cards: int, card_mem
     plan = plan_for_run(
         built=built, ds_config=read_ds_config(config.train.deepspeed), unfreeze=unfreeze_plan(config.unfreeze),
         weight_decay=config.optim.weight_decay, lr_scale_of=lr_scales(config.optim, built, model_prefix=""),
-        micro_batch_size=config.train.micro_batch_size, crop_size=config.data.crop_size,
+        # Multi-scale training peaks at its largest crop.
+        micro_batch_size=config.train.micro_batch_size, crop_size=max([config.data.crop_size,
+                                                                       *config.data.augment.crop_sizes]),
         activation_checkpointing=config.train.activation_checkpointing,
         model_name=f"{config.model.arch} {config.model.size}", cards=cards, card_memory=card_memory,
         host_memory=host_memory, **extra,
     )
-    if config.model.pretrained:
+    if starting_weights(config.model) is not None:
         plan.notes.append(f"sizes come from the '{config.model.size}' preset, not from {config.model.pretrained}")
     return plan

@@ -29,50 +29,92 @@ from mapsage_ds.evaluation.protocol import EvalProtocol
 
 @dataclass
 class AugmentConfig:
-    """Training augmentations beyond ``data.crop_size`` crops and ``data.hflip``; all off by default."""
+    """Training augmentations beyond ``data.crop_size`` crops and ``data.hflip``; all off by default.
 
-    crop_sizes: list[int] = field(default_factory=list)  # multi-scale: one size per batch; empty: data.crop_size
-    scale_range: list[float] = field(default_factory=lambda: [1.0, 1.0])  # random rescale factor (low, high)
+    Attributes:
+        crop_sizes: Multi-scale training: a crop size drawn per batch from this list; empty: ``data.crop_size``.
+        scale_range: Random rescale factor ``[low, high]`` applied before the crop; ``[1.0, 1.0]``: none.
+        vflip: Flip top-bottom with probability 0.5.
+        rot90: Rotate by a random multiple of 90 degrees.
+        rotate_degrees: Rotate by a random angle in ±degrees (with probability ``rotate_prob``); new pixels are
+            ignored by the loss; 0: off.
+        rotate_prob: Probability of the free rotation by ``rotate_degrees``.
+        color_jitter: Colour jitter of brightness, contrast, saturation and hue; null: off.
+        mixup: Probability that a batch is a MixUp batch.
+        mixup_alpha: MixUp's blending weight is drawn from Beta(alpha, alpha).
+        cutmix: Probability that a batch is a CutMix batch.
+        cutmix_alpha: CutMix's kept area fraction is drawn from Beta(alpha, alpha).
+    """
+
+    crop_sizes: list[int] = field(default_factory=list)
+    scale_range: list[float] = field(default_factory=lambda: [1.0, 1.0])
     vflip: bool = False
-    rot90: bool = False  # rotate by a random multiple of 90 degrees
-    rotate_degrees: float = 0.0  # rotate by an angle in ±degrees; new pixels are ignored
+    rot90: bool = False
+    rotate_degrees: float = 0.0
     rotate_prob: float = 0.5
     color_jitter: ColorJitter | None = None
-    mixup: float = 0.0  # probability that a batch is a MixUp batch
+    mixup: float = 0.0
     mixup_alpha: float = 0.4
-    cutmix: float = 0.0  # probability that a batch is a CutMix batch
+    cutmix: float = 0.0
     cutmix_alpha: float = 1.0
 
 
 @dataclass
 class DataConfig:
-    """Where the data comes from and how batches are cut."""
+    """Where the data comes from and how batches are cut.
 
-    source: str = "loveda"  # loveda | hf
+    Attributes:
+        source: ``loveda`` (a LoveDA folder tree) or ``hf`` (a local Hugging Face ``datasets`` dataset).
+        root: The dataset: the LoveDA tree (``Train/``, ``Val/``, ``Test/``, or mmsegmentation's converted
+            ``img_dir/``, ``ann_dir/``, detected), or with ``source: hf`` a ``save_to_disk`` folder or parquet
+            files; ``--data-root`` sets it.
+        scenes: Which LoveDA scenes to use: ``urban``, ``rural`` or ``both``.
+        train_split: Split trained on: a LoveDA folder name, or the split name in the HF dataset.
+        val_split: Split validated on during training.
+        synthetic: Generate a synthetic LoveDA-format tree at ``root`` when set (demo and tests only).
+        generate: Also generate it at a root no packaged recipe names (``--generate-data``); else a
+            mistyped root is an error.
+        validate: Decode every train/val image and mask before training (cached); false skips it, e.g.
+            on a slow mount.
+        hf_image_column: ``source: hf``: the column holding the images.
+        hf_mask_column: ``source: hf``: the column holding the masks.
+        hf_mask_encoding: ``source: hf``: mask values as in LoveDA's PNGs (``loveda_raw``: 0 no-data,
+            1..7 classes) or training labels (``index``: 0..6, 255 ignored).
+        crop_size: Side of the square training crop in pixels.
+        hflip: Flip training crops left-right with probability 0.5.
+        num_workers: Data-loader processes per rank; 0 loads in the training process.
+        augment: Further training augmentations (all off by default).
+        sampler: ``uniform``, or ``class_aware`` (repeat-factor sampling of images with rare classes).
+        repeat_thresh: ``class_aware``: classes present in fewer than this fraction of images get repeated.
+    """
+
+    source: str = "loveda"
     root: str | None = None
-    scenes: str = "both"  # urban | rural | both
+    scenes: str = "both"
     train_split: str = "Train"
     val_split: str = "Val"
-    # Generate a synthetic LoveDA-format tree at `root` when set (demo and tests only).
     synthetic: SyntheticSpec | None = None
-    # Also generate it at a root no packaged recipe names (--generate-data); else a mistyped root is an error.
     generate: bool = False
-    # Decode every train/val image and mask before training (cached); false skips it, e.g. on a slow mount.
     validate: bool = True
     hf_image_column: str = "image"
     hf_mask_column: str = "mask"
-    hf_mask_encoding: str = "loveda_raw"  # loveda_raw | index
+    hf_mask_encoding: str = "loveda_raw"
     crop_size: int = 512
     hflip: bool = True
     num_workers: int = 2
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    sampler: str = "uniform"  # uniform | class_aware (repeat-factor sampling of images with rare classes)
-    repeat_thresh: float = 0.5  # class_aware: classes in fewer than this fraction of images get repeated
+    sampler: str = "uniform"
+    repeat_thresh: float = 0.5
 
 
 @dataclass
 class NormalizationConfig:
-    """Input statistics (RGB in [0, 1] units) overriding those of the checkpoint's pretraining data."""
+    """Input statistics (RGB in [0, 1] units) overriding those of the checkpoint's pretraining data.
+
+    Attributes:
+        mean: Per-channel mean subtracted from the input, R, G, B.
+        std: Per-channel standard deviation the input is divided by, R, G, B.
+    """
 
     mean: list[float]
     std: list[float]
@@ -80,42 +122,84 @@ class NormalizationConfig:
 
 @dataclass
 class ModelConfig:
-    """Which network to build and which local weights to start from."""
+    """Which network to build and which local weights to start from.
 
-    arch: str = "segformer"  # segformer | dinov3
-    # segformer: auto | test | mini | b0 .. b5; dinov3: auto | test | vitl16 | vit7b16. With model.pretrained the
-    # architecture comes from the checkpoint: auto takes it, a named size is checked against it.
+    Attributes:
+        arch: The network family: ``segformer`` or ``dinov3`` (a DINOv3 ViT backbone with a fusion head).
+        size: SegFormer: ``auto``, ``test``, ``mini``, ``b0`` .. ``b5``; DINOv3: ``auto``, ``test``, ``vitl16``,
+            ``vit7b16``. With ``model.pretrained`` the architecture comes from the checkpoint: ``auto`` takes
+            it, a named size is checked against it.
+        pretrained: Local weights (docs/weights.md): an HF directory or ``.safetensors``; an NVlabs,
+            mmsegmentation or Meta DINOv3 ``.pth``; ``none``: random initialisation, intended; null: random
+            initialisation, warned about at start-up unless the data is generated (``data.synthetic``).
+        normalization: Input statistics; null: those of the checkpoint's pretraining data (SAT-493M
+            satellite; LVD-1689M, ImageNet).
+        drop_path_rate: Stochastic depth rate of the backbone.
+        boundary_head: Auxiliary boundary head for training (never exported); needs ``loss.boundary > 0``.
+        head: The decode head: ``auto`` (the architecture's own: DINOv3 ``fusion``, SegFormer its HF all-MLP
+            head), ``fusion`` (DINOv3 only), ``upernet`` (PPM + FPN; on a ViT after a 4×/2×/1×/½× neck) or
+            ``linear`` (BatchNorm + 1×1 convolution, the frozen-feature probe). docs/large_backbones.md.
+        head_channels: Hidden width of the fusion or UPerNet head; null: 256 (fusion), 512 (UPerNet). Must be
+            null for ``auto`` on SegFormer and for ``linear``.
+        head_norm: Normalisation inside the fusion / UPerNet head and neck: ``batch`` (as mmsegmentation) or
+            ``group`` (32 groups; needs no batch statistics, so it trains at one image per card, where
+            BatchNorm fails on UPerNet's 1×1 pooled branch).
+    """
+
+    arch: str = "segformer"
     size: str = "b0"
-    # Local weights (docs/weights.md): HF directory or .safetensors; NVlabs, mmsegmentation or Meta DINOv3 .pth
     pretrained: str | None = None
-    # None: the statistics of the checkpoint's pretraining data (SAT-493M satellite; LVD-1689M, ImageNet)
     normalization: NormalizationConfig | None = None
     drop_path_rate: float = 0.1
-    boundary_head: bool = False  # auxiliary boundary head for training (never exported); needs loss.boundary > 0
+    boundary_head: bool = False
+    head: str = "auto"
+    head_channels: int | None = None
+    head_norm: str = "batch"
 
 
 @dataclass
 class OptimConfig:
-    """AdamW and the learning-rate schedule (ours, stepped per optimizer step)."""
+    """AdamW and the learning-rate schedule (ours, stepped per optimizer step).
+
+    Attributes:
+        lr: Peak learning rate (of the head; backbone groups are scaled, see ``layer_decay``).
+        weight_decay: AdamW weight decay of matmul and convolution weights; norms, biases and token
+            embeddings get none.
+        betas: AdamW's ``[beta1, beta2]``.
+        eps: AdamW's epsilon.
+        grad_clip: Clip the global gradient norm to this (DeepSpeed's ``gradient_clipping``); 0: no clipping.
+        schedule: Decay after warmup: ``cosine``, ``poly`` or ``constant``.
+        warmup_steps: Optimizer steps of linear warmup, from ``warmup_start_factor × lr`` to ``lr``.
+        warmup_start_factor: The warmup's first learning rate as a fraction of ``lr``.
+        min_lr_ratio: The learning rate decays to ``min_lr_ratio × lr`` at ``train.max_steps`` (cosine, poly).
+        poly_power: Exponent of the poly decay, ``(1 - progress)^poly_power``.
+        layer_decay: Backbone parameter lr = ``lr × backbone_lr_mult × layer_decay^(depth + 1 − layer_id)``;
+            the head trains at ``lr``; 1: no decay.
+        backbone_lr_mult: Multiplier of every backbone parameter's learning rate (see ``layer_decay``).
+    """
 
     lr: float = 6e-5
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     grad_clip: float = 1.0
-    schedule: str = "poly"  # cosine | poly | constant
+    schedule: str = "poly"
     warmup_steps: int = 0
     warmup_start_factor: float = 1e-3
     min_lr_ratio: float = 0.0
     poly_power: float = 1.0
-    # Backbone parameter lr = lr × backbone_lr_mult × layer_decay^(depth + 1 − layer_id); head at lr.
     layer_decay: float = 1.0
     backbone_lr_mult: float = 1.0
 
 
 @dataclass
 class UnfreezeStage:
-    """From optimizer step ``at_step`` on, this fraction of the backbone (from the input side) is frozen."""
+    """From optimizer step ``at_step`` on, this fraction of the backbone (from the input side) is frozen.
+
+    Attributes:
+        at_step: Optimizer step at which this stage begins.
+        frozen_fraction: Fraction of the backbone's layers, counted from the input side, frozen from then on.
+    """
 
     at_step: int
     frozen_fraction: float
@@ -123,7 +207,12 @@ class UnfreezeStage:
 
 @dataclass
 class UnfreezeConfig:
-    """Progressive unfreezing: frozen layers get no update and cost no gradient or optimizer memory."""
+    """Progressive unfreezing: frozen layers get no update and cost no gradient or optimizer memory.
+
+    Attributes:
+        initial_frozen_fraction: Fraction of the backbone (from the input side) frozen from step 0.
+        stages: Later stages, in increasing ``at_step`` order, each with its own frozen fraction.
+    """
 
     initial_frozen_fraction: float = 0.0
     stages: list[UnfreezeStage] = field(default_factory=list)
@@ -131,48 +220,92 @@ class UnfreezeConfig:
 
 @dataclass
 class TrainConfig:
-    """Loop length, batch geometry, cadence of evaluation and checkpoints."""
+    """Loop length, batch geometry, cadence of evaluation and checkpoints.
+
+    Attributes:
+        max_steps: Optimizer steps of the run (the schedule ends here).
+        micro_batch_size: Images per process per forward pass.
+        grad_accum_steps: Micro-batches accumulated per optimizer step; a step sees
+            ``micro_batch_size × grad_accum_steps × world size`` images.
+        deepspeed: A name in ``ds_configs/`` (e.g. ``zero2_bf16``) or a path to a DeepSpeed JSON file.
+        activation_checkpointing: Recompute backbone blocks in backward to save activation memory.
+        eval_every: Validate every this many optimizer steps (and at the last); a new best mIoU is
+            exported to ``best/``.
+        save_every: Write a checkpoint every this many optimizer steps (and at the last).
+        keep_checkpoints: Checkpoints kept, the newest by step; older ones are deleted (never the one
+            ``latest`` names or the best one).
+        log_every: Log loss and learning rate every this many optimizer steps.
+        seed: Seed of the run's randomness: model initialisation (torch seeded with ``seed + rank``),
+            data order and augmentations.
+        nonfinite: A skipped (non-finite) step: ``stop`` the run, or ``skip`` it and go on
+            (docs/reliability.md).
+        max_skipped_share: Stop when more than this share of the last ``skip_window`` steps (or of the
+            run, at its end) were skipped.
+        skip_window: The number of recent steps ``max_skipped_share`` is measured over.
+    """
 
     max_steps: int = 1000
-    micro_batch_size: int = 2  # per process
+    micro_batch_size: int = 2
     grad_accum_steps: int = 1
-    deepspeed: str = "zero2_bf16"  # a name in ds_configs/ or a path to a JSON file
-    activation_checkpointing: bool = False  # recompute backbone blocks in backward to save activation memory
+    deepspeed: str = "zero2_bf16"
+    activation_checkpointing: bool = False
     eval_every: int = 500
     save_every: int = 500
-    keep_checkpoints: int = 2  # newest by step; older ones are deleted (never `latest` or the best one)
+    keep_checkpoints: int = 2
     log_every: int = 10
     seed: int = 0
-    nonfinite: str = "stop"  # a skipped (non-finite) step: stop the run, or skip it and go on
-    max_skipped_share: float = 0.5  # stop when more of the last skip_window steps (or of the run) were skipped
+    nonfinite: str = "stop"
+    max_skipped_share: float = 0.5
     skip_window: int = 50
 
 
 @dataclass
 class OhemConfig:
-    """Online hard-example mining of the cross-entropy term."""
+    """Online hard-example mining of the cross-entropy term.
 
-    thresh: float = 0.7  # pixels whose true-class probability is below this are hard
-    min_kept: int = 100000  # but at least this many pixels per image are kept
+    Attributes:
+        thresh: Pixels whose true-class probability is below this are hard.
+        min_kept: But at least this many pixels per image are kept.
+    """
+
+    thresh: float = 0.7
+    min_kept: int = 100000
 
 
 @dataclass
 class LossConfig:
-    """Weights of the loss terms and the cross-entropy options (see docs/training_recipe.md)."""
+    """Weights of the loss terms and the cross-entropy options (see docs/training_recipe.md).
+
+    Attributes:
+        ce: Weight of the cross-entropy term.
+        dice: Weight of the Dice term.
+        lovasz: Weight of the Lovász-softmax term.
+        boundary: Weight of the boundary loss; needs ``model.boundary_head``.
+        class_weights: Cross-entropy weight per class (one per class, in class order); null: all 1.
+        label_smoothing: Cross-entropy label smoothing, in [0, 1).
+        ohem: Online hard-example mining of the cross-entropy; null: off.
+        boundary_radius: Half-width of the boundary band, in label pixels.
+    """
 
     ce: float = 1.0
     dice: float = 0.0
     lovasz: float = 0.0
-    boundary: float = 0.0  # needs model.boundary_head
-    class_weights: list[float] | None = None  # cross-entropy, one per class
+    boundary: float = 0.0
+    class_weights: list[float] | None = None
     label_smoothing: float = 0.0
     ohem: OhemConfig | None = None
-    boundary_radius: int = 1  # half-width of the boundary band, in label pixels
+    boundary_radius: int = 1
 
 
 @dataclass
 class TeacherBootstrapConfig:
-    """Demo only: with no ``teacher.path``, first fine-tune a small DINOv3 teacher on the same data."""
+    """Demo only: with no ``teacher.path``, first fine-tune a small DINOv3 teacher on the same data.
+
+    Attributes:
+        size: DINOv3 size of the teacher (``model.size`` values of ``dinov3``).
+        max_steps: Optimizer steps of the teacher's fine-tuning run.
+        lr: Learning rate of the teacher's fine-tuning run.
+    """
 
     size: str = "test"
     max_steps: int = 60
@@ -181,31 +314,64 @@ class TeacherBootstrapConfig:
 
 @dataclass
 class TeacherConfig:
-    """The frozen teacher of ``task: distill`` (docs/distillation.md)."""
+    """The frozen teacher of ``task: distill`` (docs/distillation.md).
 
-    path: str | None = None  # a MapSage export directory (<finetune run>/export), SegFormer or DINOv3
-    precision: str = "auto"  # auto (the student's compute dtype) | bf16 | fp16 | fp32
-    feature_level: int = -1  # which of the teacher's hidden-state maps is the feature target
-    offload_features: bool = False  # precompute teacher outputs to disk (sharded by rank), train from the cache
-    cache_dir: str | None = None  # default: <output_dir>/teacher_cache
+    Attributes:
+        path: A MapSage export directory (``<finetune run>/export``), SegFormer or DINOv3.
+        precision: ``auto`` (the student's compute dtype), ``bf16``, ``fp16`` or ``fp32``.
+        feature_level: Which of the teacher's hidden-state maps is the feature target.
+        offload_features: Precompute teacher outputs to disk (sharded by rank), then train from the cache.
+        cache_dir: Where the offloaded features go; null: ``<output_dir>/teacher_cache``.
+        bootstrap: Demo only: train a small teacher first when ``path`` is null.
+    """
+
+    path: str | None = None
+    precision: str = "auto"
+    feature_level: int = -1
+    offload_features: bool = False
+    cache_dir: str | None = None
     bootstrap: TeacherBootstrapConfig | None = None
 
 
 @dataclass
 class DistillConfig:
-    """Loss weights of ``task: distill``; the student's supervised loss is the ``loss`` section."""
+    """Loss weights of ``task: distill``; the student's supervised loss is the ``loss`` section.
+
+    Attributes:
+        supervised: Weight of the student's supervised loss (0: distillation only).
+        kl: Weight of the pixel-wise KL divergence at ``temperature``, times temperature².
+        temperature: Softmax temperature of the KL term.
+        feature: Weight of the feature term: distance between projected student features and the teacher's.
+        feature_loss: The feature distance: ``cosine`` or ``mse``.
+        student_feature_level: Which student hidden state is projected; 2 is SegFormer stage 3 (stride 16,
+            the teacher's patch grid).
+    """
 
     supervised: float = 1.0
-    kl: float = 1.0  # pixel-wise KL at `temperature`, times temperature^2
+    kl: float = 1.0
     temperature: float = 2.0
     feature: float = 0.0
-    feature_loss: str = "cosine"  # cosine | mse
-    student_feature_level: int = 2  # SegFormer stage 3: stride 16, the teacher's patch grid
+    feature_loss: str = "cosine"
+    student_feature_level: int = 2
 
 
 @dataclass
 class Config:
-    """One complete run."""
+    """One complete run.
+
+    Attributes:
+        data: The dataset and how batches are cut.
+        model: The network and its starting weights.
+        optim: The optimizer and learning-rate schedule.
+        train: Loop length, batch geometry, evaluation and checkpoint cadence.
+        eval: The evaluation protocol of validation during training and of ``mapsage-evaluate``.
+        loss: The supervised loss.
+        unfreeze: Progressive unfreezing of the backbone; null: everything trains from step 0.
+        task: What is trained: ``segment`` (supervised) or ``distill`` (from a frozen teacher).
+        teacher: The frozen teacher of ``task: distill``.
+        distill: The distillation loss weights of ``task: distill``.
+        output_dir: The run directory: ``config.yaml``, logs, checkpoints, ``best/`` and ``export/``.
+    """
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -214,7 +380,7 @@ class Config:
     eval: EvalProtocol = field(default_factory=EvalProtocol)
     loss: LossConfig = field(default_factory=LossConfig)
     unfreeze: UnfreezeConfig | None = None
-    task: str = "segment"  # segment | distill (tasks/factory.py)
+    task: str = "segment"
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     output_dir: str = "runs/default"
@@ -394,6 +560,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
     from mapsage_ds.data.loveda import SCENES
     from mapsage_ds.data.samplers import SAMPLERS
     from mapsage_ds.losses.distill import FEATURE_LOSSES
+    from mapsage_ds.models.decode_heads import HEAD_NORMS, HEADS
     from mapsage_ds.models.factory import ARCHITECTURES
     from mapsage_ds.optim.schedule import SCHEDULES
     from mapsage_ds.tasks.factory import TASKS
@@ -406,6 +573,8 @@ def _choices() -> dict[str, tuple[str, ...]]:
         "data.hf_mask_encoding": tuple(MASK_ENCODINGS),
         "optim.schedule": SCHEDULES,
         "model.arch": ARCHITECTURES,
+        "model.head": HEADS,
+        "model.head_norm": HEAD_NORMS,
         "data.sampler": SAMPLERS,
         "task": TASKS,
         "teacher.precision": ("auto", *PRECISIONS),
@@ -448,6 +617,9 @@ def validate(config: Config) -> None:
                         f"{config.optim.backbone_lr_mult}: expected 0 < layer_decay <= 1 and backbone_lr_mult >= 0")
     if config.model.size == "auto" and config.model.pretrained is None:
         problems.append("model.size=auto takes the architecture from model.pretrained, which is not set")
+    if config.model.head == "upernet" and config.model.head_norm == "batch" and config.train.micro_batch_size < 2:
+        problems.append("model.head=upernet with model.head_norm=batch and train.micro_batch_size=1: BatchNorm of "
+                        "the 1×1 pooled branch sees one value per channel; set model.head_norm=group")
     norm = config.model.normalization
     if norm is not None and (len(norm.mean) != 3 or len(norm.std) != 3 or min(norm.std) <= 0):
         problems.append(f"model.normalization={{mean: {norm.mean}, std: {norm.std}}}: expected 3 values each, "

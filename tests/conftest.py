@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from mapsage_ds.data.synthetic import SyntheticSpec, ensure_synthetic_tree
@@ -31,6 +32,20 @@ def pytest_configure(config: pytest.Config) -> None:
 def tiny_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small generated LoveDA-format tree of real PNG files (64×64 tiles), shared by the session."""
     return ensure_synthetic_tree(tmp_path_factory.mktemp("loveda") / "tree", TINY_SPEC)
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory) -> Path:
+    """A random test-size SegFormer written as a MapSage export (no training needed)."""
+    from mapsage_ds.data.classes import LOVEDA_CLASSES
+    from mapsage_ds.models.export import write_hf_export
+    from mapsage_ds.models.segformer import build_segformer
+
+    torch.manual_seed(0)
+    model = build_segformer("test", list(LOVEDA_CLASSES))
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return write_hf_export(model, state, tmp_path_factory.mktemp("export") / "export",
+                           image_mean=(0.485, 0.456, 0.406), image_std=(0.229, 0.224, 0.225))
 
 
 def tiny_run_config(data_root: Path, output_dir: Path, **sections: dict) -> dict:
@@ -76,8 +91,14 @@ def subprocess_env() -> dict[str, str]:
 
 
 def launch(script: str, args: list[str], *, nproc: int, launcher: str = "torchrun", timeout: int = 600) -> str:
-    """Run ``scripts/{script}`` on ``nproc`` CPU processes; returns its output, fails the test on error."""
+    """Run ``scripts/{script}`` on ``nproc`` CPU processes; returns its output, fails the test on error.
+
+    ``launcher="torchrun-nodes"`` starts ``nproc`` torchrun agents as ``nproc`` nodes of one process
+    each (``--nnodes N --node_rank r``), meeting over loopback as nodes meet over the network.
+    """
     path = str(REPO / "scripts" / script)
+    if launcher == "torchrun-nodes":
+        return _launch_nodes(path, args, nodes=nproc, timeout=timeout)
     if nproc == 1 and launcher == "python":
         command = [sys.executable, path, *args]
     elif launcher == "torchrun":
@@ -97,14 +118,34 @@ def launch(script: str, args: list[str], *, nproc: int, launcher: str = "torchru
 
 
 
-@pytest.fixture
-def one_process_world(monkeypatch: pytest.MonkeyPatch):
-    """A DeepSpeed world of one process inside the test process (as plain `python script.py` forms)."""
-    from mapsage_ds.runtime.accelerator import setup_distributed, teardown_distributed
+def _launch_nodes(path: str, args: list[str], *, nodes: int, timeout: int) -> str:
+    port = free_port()
+    commands = [[sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", "--nproc_per_node=1",
+                 f"--node_rank={rank}", "--master_addr=127.0.0.1", f"--master_port={port}", path, *args]
+                for rank in range(nodes)]
+    agents = [subprocess.Popen(command, env=subprocess_env(), cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True) for command in commands]
+    outputs = [agent.communicate(timeout=timeout)[0] for agent in agents]
+    output = "\n".join(outputs)
+    failed = [(rank, agent.returncode) for rank, agent in enumerate(agents) if agent.returncode != 0]
+    if failed:
+        pytest.fail(f"torchrun nodes {failed} failed:\n{output[-6000:]}")
+    return output
 
+
+@pytest.fixture
+def world_of_one(monkeypatch):
+    """No launcher variables: main() forms its own world of one in this process."""
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.setenv(key, "")  # registered for restoring, then removed
         monkeypatch.delenv(key)
+
+
+@pytest.fixture
+def one_process_world(world_of_one):
+    """A DeepSpeed world of one process inside the test process (as plain `python script.py` forms)."""
+    from mapsage_ds.runtime.accelerator import setup_distributed, teardown_distributed
+
     ctx = setup_distributed("cpu")
     try:
         yield ctx

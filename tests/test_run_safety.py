@@ -32,14 +32,6 @@ pytestmark = pytest.mark.slow
 TRAIN = {"max_steps": 3, "save_every": 1, "eval_every": 3, "log_every": 10, "keep_checkpoints": 2}
 
 
-@pytest.fixture
-def world_of_one(monkeypatch):
-    """No launcher variables: main() forms its own world of one in this process."""
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.setenv(key, "")  # registered for restoring, then removed
-        monkeypatch.delenv(key)
-
-
 def run(tmp_path: Path, tree: Path, output: Path, *args: str, train: dict | None = None):
     config = write_config(tmp_path / f"{uuid.uuid4().hex}.yaml",
                           tiny_run_config(tree, output, train={**TRAIN, **(train or {})}))

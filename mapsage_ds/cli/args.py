@@ -17,7 +17,8 @@ from mapsage_ds.runtime.accelerator import ACCELERATORS
 def add_config_arguments(parser: argparse.ArgumentParser, *, default_recipe: str | None) -> None:
     """``--recipe``, ``--config``, ``--set`` and the common shortcuts."""
     parser.add_argument("--recipe", default=None,
-                        help=f"packaged recipe ({', '.join(recipe_names())}); default: {default_recipe}")
+                        help=f"packaged recipe ({', '.join(recipe_names())}); default: {default_recipe}, "
+                             "unless --config is given (a config file alone starts from the plain defaults)")
     parser.add_argument("--config", default=None, help="YAML file with config fields (applied after --recipe)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one field, e.g. --set optim.lr=1e-4 (repeatable)")
@@ -87,6 +88,16 @@ def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--boundary-width", type=int, default=None,
                        help="boundary IoU band in pixels (default: eval.boundary_dilation_ratio of the diagonal)")
     group.add_argument("--boundary-dilation-ratio", type=float, default=None)
+
+
+def add_sweep_argument(parser: argparse.ArgumentParser) -> None:
+    """``--tta-sweep scales=... flips=...`` (evaluate only; see :func:`~mapsage_ds.evaluation.sweep.parse_sweep`)."""
+    parser.add_argument("--tta-sweep", nargs="+", default=None, metavar="KEY=VALUES",
+                        help="score every TTA protocol drawn from these scales and flips in one pass and write a "
+                             "leaderboard (tta_sweep.json/.md), e.g. --tta-sweep scales=0.75,1,1.25,1.5 flips=h,v,d4: "
+                             "every non-empty subset of the scales × every subset of the flips whose options share "
+                             f"no view (d4 stands alone); flips among {', '.join(FLIPS)}; replaces --tta-scales and "
+                             "--tta-flip (mode, tile, stride still apply)")
 
 
 @raised_on_every_rank()

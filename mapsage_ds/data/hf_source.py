@@ -1,8 +1,11 @@
 """Segmentation data from a local Hugging Face ``datasets`` dataset.
 
 Reads a directory written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``, a parquet
-file, or a directory of parquet files. Items match :class:`mapsage_ds.data.loveda.LoveDA`, so
-either source feeds the same transforms, loss and metric.
+file, or a directory of parquet files. A directory of parquet files is split as Hugging Face's own
+loader splits it (:func:`parquet_splits`): files or folders named for a split
+(``train-00000-of-00002.parquet``, ``validation.parquet``, ``val/part-0.parquet`` ...) form that
+split, and a directory with no split names is the one split ``train``. Items match
+:class:`mapsage_ds.data.loveda.LoveDA`, so either source feeds the same transforms, loss and metric.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
+from datasets.data_files import DataFilesDict, get_data_patterns
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -44,6 +48,34 @@ def _load_parquet(files: list[Path], cache_dir: str | Path | None) -> datasets.D
     )
 
 
+def parquet_splits(path: str | Path) -> dict[str, list[Path]]:
+    """The ``.parquet`` files of each split under the directory ``path``, named as ``datasets`` names them.
+
+    Hugging Face's split inference (``datasets.data_files.get_data_patterns``) decides: a file or
+    folder whose name holds a split name (``train``/``training``; ``validation``/``valid``/``val``/``dev``;
+    ``test``/``testing``/``eval``/``evaluation``) belongs to that split, anything else makes the whole
+    directory the one split ``train``. Splits without a ``.parquet`` file are left out.
+    """
+    base = str(path)
+    found = DataFilesDict.from_patterns(get_data_patterns(base), base_path=base)
+    splits = {str(split): sorted(Path(f) for f in files if f.endswith(".parquet")) for split, files in found.items()}
+    return {split: files for split, files in splits.items() if files}
+
+
+def _load_parquet_split(path: Path, split: str | None, cache_dir: str | Path | None) -> datasets.Dataset:
+    splits = parquet_splits(path)
+    if split is None and len(splits) == 1:
+        split = next(iter(splits))
+    if split not in splits:
+        named = {name: [str(f.relative_to(path)) for f in files][:3] for name, files in splits.items()}
+        raise ConfigError(
+            f"{path}: split {split!r} not found; its parquet files form the splits {named} (a file or folder "
+            "named for a split, e.g. validation-00000.parquet or validation/, belongs to that split; pass one "
+            "as split=...)"
+        )
+    return _load_parquet(splits[split], cache_dir)
+
+
 def _select_split(
     data: datasets.Dataset | datasets.DatasetDict, split: str | None, path: Path
 ) -> datasets.Dataset:
@@ -68,8 +100,10 @@ def load_local_dataset(
     """Load one split of a local Hugging Face dataset.
 
     Args:
-        path: A ``save_to_disk`` directory, a ``.parquet`` file, or a directory of ``.parquet`` files.
-        split: The split of a ``DatasetDict``; for a single dataset, None or that dataset's own split.
+        path: A ``save_to_disk`` directory, a ``.parquet`` file, or a directory of ``.parquet`` files
+            (split by file and folder names, :func:`parquet_splits`).
+        split: The split of a ``DatasetDict`` or of a parquet directory; for a single dataset (or a
+            directory of one split), None or that dataset's own split.
         cache_dir: Where ``datasets`` caches the Arrow files built from parquet (its default if None).
 
     Returns:
@@ -89,13 +123,12 @@ def load_local_dataset(
         return _select_split(_load_parquet([path], cache_dir), split, path)
     if any((path / marker).is_file() for marker in _SAVE_TO_DISK_MARKERS):
         return _select_split(datasets.load_from_disk(str(path)), split, path)
-    files = sorted(path.glob("*.parquet"))
-    if not files:
+    if not any(path.rglob("*.parquet")):
         raise ConfigError(
             f"{path}: neither a save_to_disk directory (no {' or '.join(_SAVE_TO_DISK_MARKERS)}) "
             "nor a directory of .parquet files"
         )
-    return _select_split(_load_parquet(files, cache_dir), split, path)
+    return _load_parquet_split(path, split, cache_dir)
 
 
 def _open_image(value: Any, source: str) -> Image.Image:
@@ -130,8 +163,10 @@ class HFSegmentationDataset(Dataset):
     dataset has one, else it is the zero-padded row index.
 
     Args:
-        path: A ``save_to_disk`` directory, a ``.parquet`` file, or a directory of ``.parquet`` files.
-        split: The split of a ``DatasetDict``; for a single dataset, None or that dataset's own split.
+        path: A ``save_to_disk`` directory, a ``.parquet`` file, or a directory of ``.parquet`` files
+            (split by file and folder names, :func:`parquet_splits`).
+        split: The split of a ``DatasetDict`` or of a parquet directory; for a single dataset (or a
+            directory of one split), None or that dataset's own split.
         image_column: Column of RGB images.
         mask_column: Column of single-channel masks, or None for an image-only dataset.
         mask_encoding: ``"loveda_raw"`` for raw LoveDA values (0 no-data, 1..7 classes) or

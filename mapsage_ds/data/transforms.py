@@ -64,7 +64,15 @@ def random_crop(
 
 @dataclass(frozen=True)
 class ColorJitter:
-    """Colour jitter strengths: factors ``1 ± brightness/contrast/saturation``, hue shift ``± hue`` turns."""
+    """Colour jitter strengths: factors ``1 ± brightness/contrast/saturation``, hue shift ``± hue`` turns.
+
+    Attributes:
+        brightness: Brightness factor drawn from ``[1 - brightness, 1 + brightness]``.
+        contrast: Contrast factor drawn from ``[1 - contrast, 1 + contrast]``.
+        saturation: Saturation factor drawn from ``[1 - saturation, 1 + saturation]``.
+        hue: Hue shift drawn from ``[-hue, hue]``, in turns of the colour wheel (at most 0.5).
+        prob: Probability that a training crop is jittered.
+    """
 
     brightness: float = 0.2
     contrast: float = 0.2

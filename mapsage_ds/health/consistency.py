@@ -2,7 +2,10 @@
 
 Both run :func:`mapsage_ds.evaluation.run_evaluation` with a
 :class:`~mapsage_ds.inference.Predictor` built from an inference protocol, so identical settings
-mean identical numbers; this check lists every setting in which the two differ.
+mean identical numbers; this check lists every setting in which the two differ. Validation's
+settings are those the run will actually get: a tracks file whose ``evaluation`` applies to
+validation (``apply_to_validation``, its default) replaces the run's ``eval.*`` in every track's
+training (:func:`validation_protocol`).
 """
 
 from __future__ import annotations
@@ -14,16 +17,19 @@ from mapsage_ds.config import from_dict, read_yaml
 from mapsage_ds.errors import ConfigError
 from mapsage_ds.evaluation.protocol import EvalProtocol
 from mapsage_ds.health.result import CheckResult, failed, passed
+from mapsage_ds.tracks.spec import TrackEvaluation
 
 
-def check_evaluation_consistency(validation: EvalProtocol, final: EvalProtocol, *, final_source: str) -> CheckResult:
-    """Validation's settings (``config.eval``) equal the final evaluation's (listing every difference).
+def check_evaluation_consistency(validation: EvalProtocol, final: EvalProtocol, *, final_source: str,
+                                 validation_source: str = "eval.*") -> CheckResult:
+    """Validation's settings equal the final evaluation's (listing every difference).
 
     Args:
-        validation: The run's ``eval`` section, used by validation during training.
+        validation: The settings validation during training uses (:func:`validation_protocol`).
         final: The settings of the final evaluation (a tracks file's ``evaluation`` section, or
             ``scripts/evaluate.py``'s defaults).
         final_source: Where ``final`` came from, for the message.
+        validation_source: Where ``validation`` came from, for the message.
     """
     name = "6.evaluation_consistency"
     ours, theirs = validation.scored(), final.scored()
@@ -33,15 +39,40 @@ def check_evaluation_consistency(validation: EvalProtocol, final: EvalProtocol, 
     summary = ours["mode"] + (f" {ours['tile']}/{ours['stride']}" if ours["mode"] == "slide" else "")
     summary += f", scales {ours['tta_scales']}, flips {ours['tta_flip'] or 'none'}"
     details = {"validation": ours, "final": theirs, "final_source": final_source,
+               "validation_source": validation_source,
                "differences": {k: {"validation": a, "final": b} for k, (a, b) in differences.items()}}
     if differences:
         listed = "; ".join(f"{key}: validation {a} vs final {b}" for key, (a, b) in differences.items())
-        return failed(name, f"{len(differences)} difference(s)", f"validation and final evaluation ({final_source}) "
-                      f"differ: {listed}",
+        return failed(name, f"{len(differences)} difference(s)", f"validation ({validation_source}) and final "
+                      f"evaluation ({final_source}) differ: {listed}",
                       "use one protocol: set the run's eval.* to the final evaluation's settings (run_tracks.py "
                       "passes its evaluation section to every track)", **details)
-    return passed(name, summary, f"validation and final evaluation ({final_source}) use the same settings and "
-                                 "the same evaluator (run_evaluation)", **details)
+    return passed(name, summary, f"validation ({validation_source}) and final evaluation ({final_source}) use the "
+                                 "same settings and the same evaluator (run_evaluation)", **details)
+
+
+def validation_protocol(run_eval: EvalProtocol, final_eval: str | Path | None) -> tuple[EvalProtocol, str]:
+    """The settings validation during training will use, and where they come from.
+
+    A tracks file whose evaluation applies to validation (``evaluation.apply_to_validation``, on by
+    default) gives every track's training its ``evaluation`` settings as ``--set eval.*``
+    (:func:`mapsage_ds.tracks.launch.train_args`), so those replace the run's own; otherwise
+    (no file, a run config, ``apply_to_validation: false``) validation uses ``run_eval``.
+
+    Raises:
+        ConfigError: if the tracks file's ``evaluation`` section is invalid.
+    """
+    if final_eval is None:
+        return run_eval, "eval.*"
+    data = read_yaml(final_eval)
+    if "evaluation" not in data:
+        return run_eval, "eval.*"
+    evaluation = from_dict(TrackEvaluation, data["evaluation"] or {}, prefix="evaluation.")
+    if not evaluation.apply_to_validation:
+        return run_eval, "eval.*"
+    names = [f.name for f in dataclasses.fields(EvalProtocol)]
+    protocol = EvalProtocol(**{name: getattr(evaluation, name) for name in names})
+    return protocol, f"{final_eval} (evaluation, applied to each track's validation)"
 
 
 def read_final_eval(path: str | Path | None) -> tuple[EvalProtocol, str]:

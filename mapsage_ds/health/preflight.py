@@ -259,17 +259,22 @@ def check_data_files(problems: Sequence[str], *, pairs: int, decoded: int, full:
 # Pretrained checkpoint
 
 
-def check_checkpoint_keys(report: KeyReport | None, *, is_head: Callable[[str], bool]) -> CheckResult:
+def check_checkpoint_keys(report: KeyReport | None, *, is_head: Callable[[str], bool],
+                          from_scratch: bool = False) -> CheckResult:
     """The pretrained checkpoint covers everything but the head.
 
     Args:
         report: The key report of loading the checkpoint into the model (None: no checkpoint).
         is_head: Whether a model key belongs to the (newly initialised) head.
+        from_scratch: Without a checkpoint: random weights are intended (``model.pretrained: none``).
     """
     name = "preflight.checkpoint_keys"
+    if report is None and from_scratch:
+        return passed(name, "no checkpoint", "model.pretrained=none: training from random weights is intended")
     if report is None:
         return warned(name, "no checkpoint", "model.pretrained is not set: the model starts from random weights",
-                      "set model.pretrained=/path/to/local/weights unless training from scratch is intended")
+                      "set model.pretrained=/path/to/local/weights, or model.pretrained=none if training from "
+                      "scratch is intended")
     missing = [k for k in report.missing if not is_head(k)]
     mismatched = [k for k, _, _ in report.shape_mismatched if not is_head(k)]
     head_missing = len(report.missing) - len(missing)
