@@ -21,7 +21,7 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
-        "torchvision>=0.19",
+        "torchvision>=0.19",  # not imported by mapsage_ds: timm needs it; the pair matching torch>=2.4
         "deepspeed>=0.16",
         "transformers>=4.56",
         "timm>=1.0",
@@ -37,12 +37,15 @@ setup(
         "scipy>=1.10",  # SAM refinement: connected regions and distance transform
         "albumentations>=2.0,<3",  # training augmentations (OpenCV); chosen by docs/training_recipe.md
         "rasterio>=1.3",  # GeoTIFF/COG scenes read and written window by window (its wheels carry GDAL)
+        "fiona>=1.10",  # GeoPackage writer of predict --polygons (its wheels carry GDAL; takes rasterio's shapes)
     ],
     extras_require={
         # segmentation-models-pytorch: the independent reference for the Dice and Lovász tests.
         # mmsegmentation (+ mmengine, mmcv-lite): the reference MiT and the training-checkpoint format of the
-        # weights converter; segment-anything: Meta's SAM, the reference of the SAM converter.
-        "test": ["pytest>=8", "ninja", "segmentation-models-pytorch>=0.5", "mmsegmentation==1.2.2", "mmengine>=0.10",
+        # weights converter; segment-anything: Meta's SAM, the reference of the SAM converter. pytest-xdist: the
+        # suite runs on two workers (pytest.ini), which keeps it under 15 minutes on a 2-core machine.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "ninja", "segmentation-models-pytorch>=0.5", "mmsegmentation==1.2.2",
+                 "mmengine>=0.10",
                  "mmcv-lite>=2.0.0rc4,<2.2.0", "ftfy", "segment-anything==1.0"],
         # kornia: a candidate backend measured by scripts/benchmark_data.py.
         "bench": ["kornia>=0.8"],

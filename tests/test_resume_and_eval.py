@@ -13,15 +13,24 @@ from conftest import REPO, crashed_copy, launch, tiny_run_config, write_config
 pytestmark = pytest.mark.slow
 
 
-def test_resume_mid_epoch_reproduces_the_uninterrupted_run(tmp_path, tiny_tree):
+def test_resume_mid_epoch_on_two_nodes_reproduces_the_uninterrupted_run(tmp_path, tiny_tree):
+    # 2 batches per epoch and rank: the crash at step 3 is mid-epoch 2. Loader workers on, as in real runs:
+    # the resumed run's workers (forked once, prefetching across epochs) must draw the very same batches.
+    data = {"num_workers": 2}
     train = {"max_steps": 6, "save_every": 3, "eval_every": 3, "keep_checkpoints": 2}
     full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
-    full_cfg = write_config(tmp_path / "full.yaml", tiny_run_config(tiny_tree, full_dir, train=train))
+    full_cfg = write_config(tmp_path / "full.yaml", tiny_run_config(tiny_tree, full_dir, data=data, train=train))
     launch("finetune.py", ["--config", str(full_cfg)], nproc=2, launcher="deepspeed")
 
     crashed_copy(full_dir, resumed_dir, step=3)
-    resumed_cfg = write_config(tmp_path / "resumed.yaml", tiny_run_config(tiny_tree, resumed_dir, train=train))
-    launch("finetune.py", ["--config", str(resumed_cfg), "--resume"], nproc=2)
+    resumed_cfg = write_config(tmp_path / "resumed.yaml",
+                               tiny_run_config(tiny_tree, resumed_dir, data=data, train=train))
+    # Resumed on two "nodes" (two torchrun agents over loopback, one process each): the shared run
+    # directory is all a multi-node resume needs.
+    output = launch("finetune.py", ["--config", str(resumed_cfg), "--resume"], nproc=2, launcher="torchrun-nodes")
+    ranks = [json.loads(line.split("] ", 1)[1]) for line in output.splitlines()
+             if line.startswith("[mapsage_ds.runtime.accelerator] ")]
+    assert sorted((r["rank"], r["local_rank"], r["world_size"]) for r in ranks) == [(0, 0, 2), (1, 0, 2)]
 
     full = load_file(full_dir / "export" / "model.safetensors")
     resumed = load_file(resumed_dir / "export" / "model.safetensors")

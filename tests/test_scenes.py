@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import fiona
 import numpy as np
 import pytest
 import rasterio
@@ -11,9 +12,11 @@ import torch
 from PIL import Image
 from rasterio.crs import CRS
 from rasterio.enums import ColorInterp
+from rasterio.features import rasterize
 from rasterio.transform import from_origin
 from torch import nn
 
+from conftest import launch
 from mapsage_ds.cli.predict import main as predict_main
 from mapsage_ds.data.classes import LOVEDA_CLASSES, LOVEDA_PALETTE
 from mapsage_ds.data.rasters import BandScaling, RasterScene, parse_bands, parse_scaling
@@ -21,7 +24,14 @@ from mapsage_ds.data.transforms import Normalize
 from mapsage_ds.errors import ConfigError, DataError, MissingFileError
 from mapsage_ds.evaluation.predictor import Predictor, window_starts
 from mapsage_ds.evaluation.protocol import EvalProtocol
-from mapsage_ds.evaluation.scenes import blend_weights, find_inputs, nodata_fill, predict_scene
+from mapsage_ds.evaluation.scenes import (
+    blend_weights,
+    find_inputs,
+    nodata_fill,
+    predict_scene,
+    row_bands,
+    write_polygons,
+)
 from mapsage_ds.models import load_exported
 from mapsage_ds.models.export import write_hf_export
 from mapsage_ds.models.segformer import build_segformer
@@ -314,3 +324,109 @@ def test_bad_input_fails_with_the_file_or_value_and_writes_nothing(tmp_path, exp
         run_predict(["--model", str(export_dir), "--input", str(tmp_path / "c.png"), "--bands", "1,2,3",
                      "--output-dir", str(out)], monkeypatch)
 
+
+
+def nodata_scene(seed: int, height: int = HEIGHT, width: int = WIDTH) -> tuple[np.ndarray, np.ndarray]:
+    """RGB content with a nodata block (value 0) that empties whole windows of the tile/stride below."""
+    image = rgb_scene(seed, height, width)
+    image[:, :224, 172:] = 0  # the windows at (0, 172) and (96, 172) hold nothing else: dropped from their batches
+    valid = np.ones((height, width), dtype=bool)
+    valid[:224, 172:] = False
+    return image, valid
+
+
+def read_bands(path: Path) -> tuple[np.ndarray, dict]:
+    with rasterio.open(path) as src:
+        return src.read(), {"crs": src.crs, "transform": src.transform, "tags": src.tags(), "nodata": src.nodata}
+
+
+def test_row_bands_cover_every_row_once():
+    assert row_bands(HEIGHT, TILE, STRIDE, 1) == [(0, HEIGHT)]
+    assert window_starts(HEIGHT, TILE, STRIDE) == [0, 96, 132]
+    assert row_bands(HEIGHT, TILE, STRIDE, 2) == [(0, 96), (96, HEIGHT)]
+    assert row_bands(HEIGHT, TILE, STRIDE, 3) == [(0, 96), (96, 132), (132, HEIGHT)]
+    assert row_bands(HEIGHT, TILE, STRIDE, 4) == [(0, 0), (0, 96), (96, 132), (132, HEIGHT)]  # one rank idles
+    assert row_bands(100, TILE, STRIDE, 2) == [(0, 0), (0, 100)]  # one window row
+
+
+@pytest.mark.parametrize("blend", ["mean", "gaussian"])
+def test_a_scene_shared_by_windows_equals_one_process_bit_for_bit(tmp_path, reference, one_process_world, blend):
+    """Ranks 1, 2 then 0 of a 3-rank share, run in turn in this process (a world of one makes the barrier pass)."""
+    image, _ = nodata_scene(13)
+    write_raster(tmp_path / "s.tif", image, nodata=0)
+    settings = dict(tile=TILE, stride=STRIDE, window_batch_size=2, blend=blend, device=torch.device("cpu"),
+                    probabilities=True, progress=False)  # batches of 2 windows straddle the rows of 3 windows
+    (tmp_path / "one").mkdir()
+    (tmp_path / "three").mkdir()
+    with RasterScene(tmp_path / "s.tif") as scene:
+        whole = predict_scene(reference, scene, tmp_path / "one" / "s.tif", **settings)
+        shares = [predict_scene(reference, scene, tmp_path / "three" / "s.tif", rank=rank, world_size=3, **settings)
+                  for rank in (1, 2, 0)]
+    assert whole.windows_predicted == 7  # 9 windows, 2 of them nodata only
+    # Windows 0..8 row-major, 2 and 5 nodata only, batches [0,1] [2,3] [4,5] [6,7] [8]. Rank 1 (rows 96..132) needs
+    # window rows 0-1 (windows 0..5), rank 2 (rows 132..260) rows 1-2 (3..8, batches from 2), rank 0 row 0 (0..3).
+    assert [s.windows_predicted for s in shares] == [4, 5, 3]
+    assert sorted(p.name for p in (tmp_path / "three").iterdir()) == ["s.tif", "s_probabilities.tif"]
+    for name in ("s.tif", "s_probabilities.tif"):
+        one, one_meta = read_bands(tmp_path / "one" / name)
+        three, three_meta = read_bands(tmp_path / "three" / name)
+        assert np.array_equal(one, three), name
+        assert one_meta == three_meta and three_meta["crs"] == CRS_UTM50 and three_meta["transform"] == TRANSFORM
+    assert (read_bands(tmp_path / "one" / "s.tif")[0][0, :224, 172:] == 255).all()
+
+
+def test_two_processes_share_one_scene_and_write_the_one_process_files(tmp_path, export_dir, reference, monkeypatch):
+    image, valid = nodata_scene(14)
+    write_raster(tmp_path / "scene.tif", image, nodata=0)
+    common = ["--model", str(export_dir), "--input", str(tmp_path / "scene.tif"), "--probabilities", *SLIDE]
+    run_predict([*common, "--output-dir", str(tmp_path / "one")], monkeypatch)
+    output = launch("predict.py", [*common, "--output-dir", str(tmp_path / "two"), "--polygons"], nproc=2)
+    assert "1 images/scenes predicted" in output
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["scene.gpkg", "scene.tif",
+                                                                      "scene_probabilities.tif"]
+    for name in ("scene.tif", "scene_probabilities.tif"):
+        one, one_meta = read_bands(tmp_path / "one" / name)
+        two, two_meta = read_bands(tmp_path / "two" / name)
+        assert np.array_equal(one, two), name
+        assert one_meta == two_meta and two_meta["crs"] == CRS_UTM50 and two_meta["transform"] == TRANSFORM
+    # The in-memory slide is the reference of the one-process file (where no window was dropped, bit for bit).
+    labels = read_labels(tmp_path / "two" / "scene.tif")[0]
+    assert (labels == in_memory_labels(reference, image, valid)).mean() > 0.999
+    assert np.array_equal(polygon_raster(tmp_path / "two" / "scene.gpkg", labels.shape, TRANSFORM), labels)
+
+
+def polygon_raster(gpkg: Path, shape: tuple[int, int], transform) -> np.ndarray:
+    """The GeoPackage's polygons burnt back into a raster by ``class_id``, 255 where none lies."""
+    with fiona.open(gpkg) as src:
+        shapes = [(feature.geometry, feature.properties["class_id"]) for feature in src]
+    return rasterize(shapes, out_shape=shape, transform=transform, fill=255, dtype="uint8")
+
+
+def test_polygons_burn_back_into_the_class_map_with_its_crs(tmp_path, one_process_world):
+    net = _Pointwise().eval()
+    predictor = Predictor(net, normalize=Normalize(), protocol=EvalProtocol(mode="slide", tile=128, stride=128))
+    image, valid = nodata_scene(15, 200, 700)  # two 512-px blocks across: regions are cut at the block edge
+    write_raster(tmp_path / "s.tif", image, nodata=0)
+    (tmp_path / "out").mkdir()
+    with RasterScene(tmp_path / "s.tif") as scene:
+        result = predict_scene(predictor, scene, tmp_path / "out" / "s.tif", tile=128, stride=128,
+                               window_batch_size=8, polygons=True, device=torch.device("cpu"), progress=False)
+    assert result.polygons == tmp_path / "out" / "s.gpkg"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["s.gpkg", "s.tif"]
+    labels, meta = read_labels(tmp_path / "out" / "s.tif")
+    assert len(np.unique(labels[valid])) > 2 and (labels[~valid] == 255).all()
+    with fiona.open(tmp_path / "out" / "s.gpkg") as src:
+        assert CRS.from_wkt(src.crs_wkt) == CRS_UTM50 and src.schema["geometry"] == "Polygon"
+        assert dict(src.schema["properties"]) == {"class_id": "int", "class_name": "str"}
+        names = {(f.properties["class_id"], f.properties["class_name"]) for f in src}
+    assert names == {(int(c), LOVEDA_CLASSES[c]) for c in np.unique(labels[valid])}
+    assert np.array_equal(polygon_raster(tmp_path / "out" / "s.gpkg", labels.shape, meta["transform"]), labels)
+
+    # A class map whose polygons are missing gets them on a re-run (the scene is not predicted again).
+    (tmp_path / "out" / "s.gpkg").unlink()
+    write_polygons(tmp_path / "out" / "s.tif", tmp_path / "again.gpkg")
+    with fiona.open(tmp_path / "again.gpkg") as src:
+        assert len(src) > 0
+    with pytest.raises(DataError, match=r"s\.tif: class index 6 has no name"):
+        write_polygons(tmp_path / "out" / "s.tif", tmp_path / "bad.gpkg", class_names=LOVEDA_CLASSES[:6])
+    assert not (tmp_path / "bad.gpkg").exists() and not list(tmp_path.glob(".bad*"))

@@ -10,11 +10,14 @@ r"""Predict rasters, images or a LoveDA split into class maps: GeoTIFFs for scen
 
 --input takes a raster (GeoTIFF, COG, VRT, ...), a folder or a glob. Rasters are streamed window by
 window (eval.tile / eval.stride, always sliding, whatever eval.mode says) into OUTPUT_DIR/NAME.tif: a
-COG of class indices 0..6, nodata 255, the source's CRS and transform (docs/evaluation.md, "Scenes").
+COG of class indices 0..6, nodata 255, the source's CRS and transform (docs/evaluation.md, "Scenes"),
+with --polygons also OUTPUT_DIR/NAME.gpkg (class polygons).
 Plain images (PNG/JPEG), --images and --data-root write OUTPUT_DIR/labels/NAME.png (LoveDA online
 benchmark: single-channel uint8, the image's file name, value = class index 0..6),
 OUTPUT_DIR/color/NAME.png and OUTPUT_DIR/overlay/NAME.png. Images and scenes are sharded across
-processes; each process writes its own files. Zip OUTPUT_DIR/labels for submission.
+processes; each process writes its own files. Scenes left over (fewer scenes than processes) are
+shared window by window, rank 0 writing the file: OUTPUT_DIR must be a folder every process sees.
+Zip OUTPUT_DIR/labels for submission.
 """
 
 from __future__ import annotations
@@ -64,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     scenes.add_argument("--scale", default=None, help="map values to 0..255: LOW,HIGH (e.g. 0,3000) or per-band "
                                                       "percentiles pLOW,pHIGH (e.g. p2,p98); needed for non-uint8 data")
     scenes.add_argument("--probabilities", action="store_true", help="also write NAME_probabilities.tif")
+    scenes.add_argument("--polygons", action="store_true",
+                        help="also write NAME.gpkg, the class polygons (a GeoPackage; needs fiona), split at the "
+                             "class map's 512 px blocks")
     scenes.add_argument("--overwrite", action="store_true", help="predict scenes whose output exists (default: skip)")
     add_protocol_arguments(parser)
     add_refine_arguments(parser)
@@ -91,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             results = predict_scenes(predictor, rasters, args.output_dir, tile=protocol.tile, stride=protocol.stride,
                                      window_batch_size=protocol.window_batch_size, blend=args.blend, bands=bands,
                                      scaling=scaling, device=ctx.device, rank=ctx.rank, world_size=ctx.world_size,
-                                     probabilities=args.probabilities, overwrite=args.overwrite, progress=ctx.is_main)
+                                     probabilities=args.probabilities, polygons=args.polygons,
+                                     overwrite=args.overwrite, progress=ctx.is_main)
             written += [r.output for r in results]
             skipped = [r.output.name for r in results if r.skipped]
             if skipped:
@@ -124,6 +131,8 @@ def _split_inputs(args: argparse.Namespace, *, bands_or_scale: bool,
                   refine: bool) -> tuple[list[Path], list[Path] | None]:
     """``--input``'s rasters and plain images (None when there are none); checks the options that apply to each."""
     if args.input is None:
+        if args.polygons:
+            raise ConfigError("--polygons applies to rasters given with --input")
         if bands_or_scale:
             raise ConfigError("--bands and --scale apply to rasters given with --input")
         return [], None
@@ -133,6 +142,8 @@ def _split_inputs(args: argparse.Namespace, *, bands_or_scale: bool,
     if images and bands_or_scale:
         raise ConfigError(f"--bands and --scale apply to rasters; {images[0]} is a plain image (predict the plain "
                           "images in a separate run)")
+    if args.polygons and not rasters:
+        raise ConfigError("--polygons applies to rasters given with --input")
     if rasters and refine:
         raise ConfigError(f"--refine works on whole images, not on streamed scenes such as {rasters[0]}")
     return rasters, images or None

@@ -18,7 +18,8 @@ from mapsage_ds.data.synthetic import (
 )
 from mapsage_ds.data.validation import ValidationReport, validate_dataset
 
-# data.source: a LoveDA folder tree, or a local Hugging Face datasets dataset (save_to_disk or parquet).
+# data.source: a LoveDA folder tree (the official layout, or mmseg's img_dir/ann_dir one: detected by LoveDA),
+# or a local Hugging Face datasets dataset (save_to_disk or parquet).
 SOURCES = ("loveda", "hf")
 
 __all__ = [

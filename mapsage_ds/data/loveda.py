@@ -1,8 +1,19 @@
-"""The LoveDA dataset read from its official folder layout.
+"""The LoveDA dataset read from its official folder layout, or from the layout mmsegmentation converts it to.
 
-Layout: ``{root}/{Train,Val,Test}/{Urban,Rural}/{images_png,masks_png}/*.png``, with an image and
-its mask sharing a file name. Every file header is checked when the dataset is built, so a
-broken tree fails before training starts rather than hours into it.
+Layouts (detected from the root, see :func:`detect_layout`):
+
+* ``official``: ``{root}/{Train,Val,Test}/{Urban,Rural}/{images_png,masks_png}/*.png``, as LoveDA's
+  zip files unpack.
+* ``mmseg``: ``{root}/img_dir/{train,val,test}/*.png`` and ``{root}/ann_dir/{train,val}/*.png``, as
+  mmsegmentation's ``tools/dataset_converters/loveda.py`` leaves it: it moves every Urban and Rural
+  file of a split into one folder (LoveDA's file names are unique across scenes), so the scene of a
+  tile is no longer known and only ``scenes="both"`` can be read. The splits keep their names here
+  (``Train``, ``Val``, ``Test`` map to ``train``, ``val``, ``test``). The converter moves the masks
+  unchanged, and mmseg's ``LoveDADataset`` reads them with ``reduce_zero_label=True``: the label
+  encoding is LoveDA's raw one (0 no-data, 1..7 classes), encoded exactly as for the official layout.
+
+An image and its mask share a file name. Every file header is checked when the dataset is built,
+so a broken tree fails before training starts rather than hours into it.
 """
 
 from __future__ import annotations
@@ -27,6 +38,11 @@ SCENES: dict[str, tuple[str, ...]] = {
 }
 IMAGE_DIR = "images_png"
 MASK_DIR = "masks_png"
+LAYOUTS = ("official", "mmseg")
+MMSEG_IMAGE_DIR = "img_dir"
+MMSEG_MASK_DIR = "ann_dir"
+# Our split names -> the folders mmseg's converter writes (Train.zip -> img_dir/train, ...).
+MMSEG_SPLITS: dict[str, str] = {"Train": "train", "Val": "val", "Test": "test"}
 
 _IMAGE_MODE = "RGB"
 # Single-band integer modes; "P" masks are read as their palette indices, which are the labels.
@@ -147,6 +163,22 @@ def _require_dir(path: Path, what: str) -> Path:
     return path
 
 
+def detect_layout(root: str | Path) -> str:
+    """``"mmseg"`` for a root holding ``img_dir/``, ``"official"`` otherwise (also for a root that does not exist).
+
+    Raises:
+        DataError: If the root holds both layouts (``img_dir/`` beside ``Train/``, ``Val/`` or ``Test/``).
+    """
+    root = Path(root)
+    if not (root / MMSEG_IMAGE_DIR).is_dir():
+        return "official"
+    official = [split for split in SPLITS if (root / split).is_dir()]
+    if official:
+        raise DataError(f"{root} holds both LoveDA layouts: the official {', '.join(official)}/ and mmseg's "
+                        f"{MMSEG_IMAGE_DIR}/; point data.root at a folder holding one of them")
+    return "mmseg"
+
+
 @dataclass(frozen=True)
 class _Sample:
     name: str
@@ -157,22 +189,30 @@ class _Sample:
 class LoveDA(Dataset):
     """LoveDA tiles with masks encoded as training labels (0..6, 255 for no-data).
 
-    Each item is ``{"image": uint8[3, H, W], "mask": int64[H, W], "name": "<Scene>/<file>"}``;
-    the Test split has hidden labels, so its items carry no ``"mask"``. Label values are
-    validated every time a mask is loaded.
+    Each item is ``{"image": uint8[3, H, W], "mask": int64[H, W], "name": "<Scene>/<file>"}``
+    (``"<file>"`` in the mmseg layout, which has no scene folders); the Test split has hidden
+    labels, so its items carry no ``"mask"``. Label values are validated every time a mask is
+    loaded. Samples are in scene order (Urban, Rural), then by file name; by file name in the
+    mmseg layout.
 
     Args:
-        root: The LoveDA root holding ``Train``, ``Val`` and ``Test``.
-        split: ``"Train"``, ``"Val"`` or ``"Test"``.
-        scenes: ``"urban"``, ``"rural"`` or ``"both"``.
+        root: The LoveDA root: holding ``Train``, ``Val`` and ``Test`` (official layout) or
+            ``img_dir`` and ``ann_dir`` (mmseg's converter), see the module docstring.
+        split: ``"Train"``, ``"Val"`` or ``"Test"`` (in the mmseg layout, the folders ``train``,
+            ``val`` and ``test``).
+        scenes: ``"urban"``, ``"rural"`` or ``"both"`` (only ``"both"`` in the mmseg layout).
         check_labels: Also decode every mask up front and validate its values.
 
+    Attributes:
+        layout: ``"official"`` or ``"mmseg"``, as detected from ``root``.
+
     Raises:
-        ConfigError: If ``split`` or ``scenes`` is not one of the allowed values.
+        ConfigError: If ``split`` or ``scenes`` is not one of the allowed values, or ``scenes`` is
+            not ``"both"`` in the mmseg layout.
         MissingFileError: If a directory or a Train/Val mask is missing.
-        DataError: If an image folder is empty or a file is unreadable, not RGB (images), not
-            single-channel (masks), of mismatched size, or (with ``check_labels``) holds
-            values outside 0..7.
+        DataError: If the root holds both layouts, an image folder is empty or a file is
+            unreadable, not RGB (images), not single-channel (masks), of mismatched size, or
+            (with ``check_labels``) holds values outside 0..7.
     """
 
     def __init__(
@@ -190,7 +230,12 @@ class LoveDA(Dataset):
         self.split = split
         self.scenes = scenes
         self.has_masks = split != "Test"
-        self.samples = self._find_samples()
+        self.layout = detect_layout(self.root)
+        if self.layout == "mmseg" and scenes != "both":
+            raise ConfigError(f"{self.root} is in mmseg's LoveDA layout ({MMSEG_IMAGE_DIR}/, {MMSEG_MASK_DIR}/), "
+                              f"whose folders mix Urban and Rural tiles: scenes {scenes!r} cannot be selected; "
+                              "use 'both' (data.scenes / --scenes)")
+        self.samples = self._find_samples() if self.layout == "official" else self._find_mmseg_samples()
         self._check_all_headers()
         if check_labels:
             for sample in self.samples:
@@ -199,23 +244,37 @@ class LoveDA(Dataset):
     def _find_samples(self) -> list[_Sample]:
         split_dir = _require_dir(_require_dir(self.root, "LoveDA root") / self.split, "LoveDA split")
         samples: list[_Sample] = []
-        missing: list[str] = []
         for scene in SCENES[self.scenes]:
             scene_dir = _require_dir(split_dir / scene, "LoveDA scene")
             image_dir = _require_dir(scene_dir / IMAGE_DIR, "LoveDA image directory")
             images = sorted((p for p in image_dir.glob("*.png") if p.is_file()), key=lambda p: p.name)
             if not images:
                 raise DataError(f"{image_dir}: no .png images found")
-            for image in images:
-                mask = scene_dir / MASK_DIR / image.name if self.has_masks else None
-                if mask is not None and not mask.is_file():
-                    missing.append(f"{image} (expected mask {mask})")
-                samples.append(_Sample(f"{scene}/{image.name}", image, mask))
+            samples += [_Sample(f"{scene}/{image.name}", image, scene_dir / MASK_DIR / image.name if self.has_masks
+                                else None) for image in images]
+        self._raise_missing_masks(samples)
+        return samples
+
+    def _find_mmseg_samples(self) -> list[_Sample]:
+        folder = MMSEG_SPLITS[self.split]
+        root = _require_dir(self.root, "LoveDA root")
+        image_dir = _require_dir(root / MMSEG_IMAGE_DIR / folder, f"LoveDA {self.split} image directory (mmseg layout)")
+        mask_dir = _require_dir(root / MMSEG_MASK_DIR / folder,
+                                f"LoveDA {self.split} mask directory (mmseg layout)") if self.has_masks else None
+        images = sorted((p for p in image_dir.glob("*.png") if p.is_file()), key=lambda p: p.name)
+        if not images:
+            raise DataError(f"{image_dir}: no .png images found")
+        samples = [_Sample(image.name, image, None if mask_dir is None else mask_dir / image.name) for image in images]
+        self._raise_missing_masks(samples)
+        return samples
+
+    def _raise_missing_masks(self, samples: list[_Sample]) -> None:
+        missing = [f"{s.image} (expected mask {s.mask})" for s in samples
+                   if s.mask is not None and not s.mask.is_file()]
         if missing:
             listed = "; ".join(missing[:_MAX_LISTED_FILES])
             more = f"; and {len(missing) - _MAX_LISTED_FILES} more" if len(missing) > _MAX_LISTED_FILES else ""
             raise MissingFileError(f"{len(missing)} LoveDA {self.split} image(s) have no mask: {listed}{more}")
-        return samples
 
     def _check_all_headers(self) -> None:
         # Every file is checked before raising: an interrupted copy leaves many empty files, not one.
@@ -252,8 +311,9 @@ class LoveDA(Dataset):
         return encode_loveda_mask(read_mask_file(sample.mask), str(sample.mask))
 
     def validation_scope(self) -> str:
-        """The cache scope of :func:`~mapsage_ds.data.validation.validate_dataset`: the resolved root and split."""
-        return f"loveda {self.root.resolve()} {self.split}"
+        """The cache scope of :func:`~mapsage_ds.data.validation.validate_dataset`: layout, resolved root, split."""
+        kind = "loveda" if self.layout == "official" else "loveda-mmseg"
+        return f"{kind} {self.root.resolve()} {self.split}"
 
     def check_items(self) -> list[CheckItem]:
         """Every image and mask file, keyed by its path under the root and stamped with its size and mtime."""
@@ -280,4 +340,5 @@ class LoveDA(Dataset):
         return item
 
     def __repr__(self) -> str:
-        return f"LoveDA(root={str(self.root)!r}, split={self.split!r}, scenes={self.scenes!r}, n={len(self)})"
+        return (f"LoveDA(root={str(self.root)!r}, split={self.split!r}, scenes={self.scenes!r}, "
+                f"layout={self.layout!r}, n={len(self)})")

@@ -14,8 +14,9 @@ A dataset takes part by answering two questions (:class:`Validatable`):
 
 Stamps:
 
-* LoveDA trees: one item per image and per mask file, keyed by its path relative to the root,
-  stamped with ``(size, mtime_ns)``: touching or rewriting a file checks it again, and only it.
+* LoveDA trees (the official layout or mmseg's ``img_dir``/``ann_dir``, each with its own scope):
+  one item per image and per mask file, keyed by its path relative to the root, stamped with
+  ``(size, mtime_ns)``: touching or rewriting a file checks it again, and only it.
 * Hugging Face datasets: one item per row; every row carries the same stamp, made of the
   dataset's fingerprint (``datasets.Dataset._fingerprint``), the ``(size, mtime_ns)`` of its
   Arrow cache files and of the files under its path, and the columns and mask encoding in use.
