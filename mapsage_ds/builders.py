@@ -27,7 +27,6 @@ from mapsage_ds.config import (
     recipe_names,
 )
 from mapsage_ds.data.classes import IGNORE_INDEX
-from mapsage_ds.data.hf_source import HFSegmentationDataset
 from mapsage_ds.data.loaders import TrainSampler, TrainStream, TransformedDataset
 from mapsage_ds.data.loveda import LoveDA
 from mapsage_ds.data.mixing import MixCollate
@@ -133,6 +132,8 @@ def validate_data(data: DataConfig, ctx: DistributedContext) -> list[ValidationR
 def build_dataset(data: DataConfig, split: str) -> Dataset:
     """The raw (untransformed) dataset of ``split`` from the configured source."""
     if data.source == "hf":
+        from mapsage_ds.data.hf_source import HFSegmentationDataset  # imports `datasets` only when used
+
         return HFSegmentationDataset(data_root(data), split=split, image_column=data.hf_image_column,
                                      mask_column=data.hf_mask_column, mask_encoding=data.hf_mask_encoding)
     return LoveDA(data_root(data), split, scenes=data.scenes)

@@ -556,7 +556,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
     """Allowed values of the choice keys, from the modules that own them."""
     # Imported here: these modules import the config's section types themselves.
     from mapsage_ds.data import SOURCES
-    from mapsage_ds.data.hf_source import MASK_ENCODINGS
+    from mapsage_ds.data.classes import MASK_ENCODINGS
     from mapsage_ds.data.loveda import SCENES
     from mapsage_ds.data.samplers import SAMPLERS
     from mapsage_ds.losses.distill import FEATURE_LOSSES

@@ -198,6 +198,15 @@ def measure(loops: list[Loop], *, device: torch.device, warmup: int, rounds: int
     return samples
 
 
+def peak_memory(device: torch.device) -> str:
+    """Rank 0's peak: the card allocator's high-water mark, or the process's peak resident memory on CPU."""
+    if device.type != "cpu":
+        return f"{torch.get_device_module(device).max_memory_allocated(device) / 2**30:.2f} GiB on the card"
+    with open("/proc/self/status") as status:
+        kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    return f"{kib / 2**20:.2f} GiB resident (host)"
+
+
 def peak_tflops(device_name: str) -> float | None:
     """Dense bf16 peak of the card, when it is one we know."""
     return next((peak for name, peak in PEAK_BF16_TFLOPS.items() if name in device_name), None)
@@ -245,8 +254,9 @@ def report(args: argparse.Namespace, ctx, config: Config, samples: dict[str, lis
     median = {name: statistics.median(values) for name, values in samples.items()}
     images = config.train.micro_batch_size * config.train.grad_accum_steps * ctx.world_size
     machine = args.machine or describe_machine(ctx.device)
-    peak = peak_tflops(machine)
-    figures = {"median_s": median, "toolkit/bare": median["toolkit"] / median["bare"],
+    card_peak = peak_tflops(machine)
+    peak = peak_memory(ctx.device)
+    figures = {"median_s": median, "toolkit/bare": median["toolkit"] / median["bare"], "peak_memory": peak,
                "ddp/bare": median["ddp"] / median["bare"], "images_per_s": images / median["toolkit"],
                "tflops": flops / median["toolkit"] / 1e12}
     if not ctx.is_main:
@@ -266,9 +276,11 @@ def report(args: argparse.Namespace, ctx, config: Config, samples: dict[str, lis
         lines.append(f"| {name} | {median[name]:.4f} | {median[name] / median['bare']:.2f} | "
                      f"{images / median[name]:.1f} |")
     achieved = figures["tflops"]
-    mfu = f", MFU {achieved / (peak * ctx.world_size):.1%} of {peak:.0f} TFLOP/s per card" if peak else ""
+    mfu = (f", MFU {achieved / (card_peak * ctx.world_size):.1%} of {card_peak:.0f} TFLOP/s per card"
+           if card_peak else "")
     lines += ["", f"Model FLOPs per step {flops / 1e12:.3f} TFLOP (forward + backward, all ranks): "
-                  f"{achieved:.3f} TFLOP/s achieved by the toolkit step{mfu}.", ""]
+                  f"{achieved:.3f} TFLOP/s achieved by the toolkit step{mfu}. Peak memory of rank 0, all three "
+                  f"loops alive: {peak}.", ""]
     section = "\n".join(lines)
     print(section)
     replace_marked_section(args.doc, f"train-benchmark-{args.preset}-{ctx.world_size}", section)

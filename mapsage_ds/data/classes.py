@@ -7,6 +7,8 @@ background (the most common LoveDA evaluation bug).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from mapsage_ds.errors import DataError
@@ -114,3 +116,10 @@ def check_index_mask(mask: np.ndarray, source: str) -> np.ndarray:
             f"0..{NUM_CLASSES - 1} or the ignore index {IGNORE_INDEX}"
         )
     return mask.astype(np.uint8, copy=False)
+
+
+# data.hf_mask_encoding: how a Hugging Face dataset's masks map to class indices.
+MASK_ENCODINGS: dict[str, Callable[[np.ndarray, str], np.ndarray]] = {
+    "loveda_raw": encode_loveda_mask,
+    "index": check_index_mask,
+}

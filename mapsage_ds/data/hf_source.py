@@ -13,26 +13,20 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import datasets
-import numpy as np
 import torch
 from datasets.data_files import DataFilesDict, get_data_patterns
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mapsage_ds.data.classes import check_index_mask, encode_loveda_mask
+from mapsage_ds.data.classes import MASK_ENCODINGS
 from mapsage_ds.data.loveda import decode_mask, decode_rgb, image_to_tensor, mask_to_tensor
 from mapsage_ds.data.validation import CheckItem, file_stamp
 from mapsage_ds.errors import ConfigError, DataError, MissingFileError
 
-MASK_ENCODINGS: dict[str, Callable[[np.ndarray, str], np.ndarray]] = {
-    "loveda_raw": encode_loveda_mask,
-    "index": check_index_mask,
-}
 _NAME_COLUMNS = ("name", "file_name")
 _SAVE_TO_DISK_MARKERS = ("dataset_dict.json", "state.json")
 _PARQUET_SPLIT = "train"  # what load_dataset("parquet", ...) names its only split

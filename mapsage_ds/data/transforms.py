@@ -7,8 +7,11 @@ run sees exactly the batches it would have seen.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -16,13 +19,22 @@ import torch.nn.functional as F
 
 from mapsage_ds.data.classes import IGNORE_INDEX
 
-# albumentations asks a web server for a newer version at import unless told not to; training
-# processes must not make network calls (and the cluster is often offline).
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-import albumentations as A  # noqa: E402  (after the environment switch above)
-import cv2  # noqa: E402
+if TYPE_CHECKING:
+    import albumentations as A
 
-_INTERPOLATION = {"bilinear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST}
+_INTERPOLATIONS = ("bilinear", "nearest")
+
+
+@functools.cache
+def _albumentations() -> tuple[ModuleType, ModuleType]:
+    """Albumentations and OpenCV, imported on first use: inference and evaluation never need them (≈ 70 MB)."""
+    # albumentations asks a web server for a newer version at import unless told not to; training
+    # processes must not make network calls (and the cluster is often offline).
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    import albumentations
+    import cv2
+
+    return albumentations, cv2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -124,8 +136,8 @@ class TrainTransform:
     _pipelines: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.interpolation not in _INTERPOLATION:
-            raise ValueError(f"interpolation={self.interpolation!r}: expected one of {sorted(_INTERPOLATION)}")
+        if self.interpolation not in _INTERPOLATIONS:
+            raise ValueError(f"interpolation={self.interpolation!r}: expected one of {sorted(_INTERPOLATIONS)}")
 
     @property
     def is_plain(self) -> bool:
@@ -140,7 +152,8 @@ class TrainTransform:
         return self._pipelines[crop_size]
 
     def _build(self, size: int) -> A.Compose:
-        interp = _INTERPOLATION[self.interpolation]
+        A, cv2 = _albumentations()  # noqa: N806  (albumentations' own spelling)
+        interp = {"bilinear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST}[self.interpolation]
         constant = dict(border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=IGNORE_INDEX)
         low, high = self.scale_range
         ops: list = []
