@@ -138,6 +138,9 @@ class TrainTransform:
     def __post_init__(self) -> None:
         if self.interpolation not in _INTERPOLATIONS:
             raise ValueError(f"interpolation={self.interpolation!r}: expected one of {sorted(_INTERPOLATIONS)}")
+        # Imported here, in the process that builds the loader: importing OpenCV for the first time
+        # inside a DataLoader worker forked from a multi-threaded parent can crash the worker.
+        _albumentations()
 
     @property
     def is_plain(self) -> bool:
