@@ -43,8 +43,9 @@ setup(
         # segmentation-models-pytorch: the independent reference for the Dice and Lovász tests.
         # mmsegmentation (+ mmengine, mmcv-lite): the reference MiT and the training-checkpoint format of the
         # weights converter; segment-anything: Meta's SAM, the reference of the SAM converter. pytest-xdist: the
-        # suite runs on two workers (pytest.ini), which keeps it under 15 minutes on a 2-core machine.
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "ninja", "segmentation-models-pytorch>=0.5", "mmsegmentation==1.2.2",
+        # suite runs on two workers (pytest.ini), which keeps it under 15 minutes on a 2-core machine; pytest-timeout:
+        # a test that hangs fails with every thread's stack instead of stalling CI until its limit.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "pytest-timeout>=2.3", "ninja", "segmentation-models-pytorch>=0.5", "mmsegmentation==1.2.2",
                  "mmengine>=0.10",
                  "mmcv-lite>=2.0.0rc4,<2.2.0", "ftfy", "segment-anything==1.0"],
         # kornia: a candidate backend measured by scripts/benchmark_data.py.

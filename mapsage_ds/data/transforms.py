@@ -34,6 +34,10 @@ def _albumentations() -> tuple[ModuleType, ModuleType]:
     import albumentations
     import cv2
 
+    # DataLoader workers are forked from this process, and OpenCV's thread pool does not survive a
+    # fork: a worker whose first parallel OpenCV call needs the pool waits for it forever
+    # (opencv/opencv#5150, pytorch/pytorch#1355). Parallelism comes from the loader's workers.
+    cv2.setNumThreads(0)
     return albumentations, cv2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
