@@ -7,7 +7,9 @@ keep it rather than replace it.
 
 from setuptools import find_packages, setup
 
-COMMANDS = ("finetune", "distill", "evaluate", "predict", "plan", "health", "tracks", "leaderboard", "convert")
+# Console scripts: mapsage-NAME runs mapsage_ds.cli.NAME (mapsage-run-plan: mapsage_ds.cli.run_plan).
+COMMANDS = ("finetune", "distill", "evaluate", "predict", "plan", "health", "tracks", "leaderboard", "convert",
+            "run_plan")
 
 setup(
     name="mapsage_ds",
@@ -17,7 +19,8 @@ setup(
     packages=find_packages(include=["mapsage_ds", "mapsage_ds.*"]) + ["mapsage_ds.ds_configs"],
     package_dir={"mapsage_ds.ds_configs": "ds_configs"},
     package_data={"mapsage_ds": ["recipes/*.yaml"], "mapsage_ds.ds_configs": ["*.json"]},
-    entry_points={"console_scripts": [f"mapsage-{name} = mapsage_ds.cli.{name}:console" for name in COMMANDS]},
+    entry_points={"console_scripts": [f"mapsage-{name.replace('_', '-')} = mapsage_ds.cli.{name}:console"
+                                         for name in COMMANDS]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
@@ -45,7 +48,8 @@ setup(
         # weights converter; segment-anything: Meta's SAM, the reference of the SAM converter. pytest-xdist: the
         # suite runs on two workers (pytest.ini), which keeps it under 15 minutes on a 2-core machine; pytest-timeout:
         # a test that hangs fails with every thread's stack instead of stalling CI until its limit.
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "pytest-timeout>=2.3", "ninja", "segmentation-models-pytorch>=0.5", "mmsegmentation==1.2.2",
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "pytest-timeout>=2.3", "ninja", "segmentation-models-pytorch>=0.5",
+                 "mmsegmentation==1.2.2",
                  "mmengine>=0.10",
                  "mmcv-lite>=2.0.0rc4,<2.2.0", "ftfy", "segment-anything==1.0"],
         # kornia: a candidate backend measured by scripts/benchmark_data.py.

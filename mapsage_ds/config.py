@@ -497,7 +497,8 @@ def read_recipe(name: str) -> dict[str, Any]:
     """Read a packaged recipe by name."""
     names = recipe_names()
     if name not in names:
-        raise ConfigError(_unknown_key_message(f"recipe {name}", name, names).replace("config key", "recipe"))
+        raise ConfigError(_unknown_key_message(name, name, names).replace("config key", "recipe")
+                          .replace("valid keys here", "recipes"))
     with resources.as_file(resources.files("mapsage_ds") / "recipes" / f"{name}.yaml") as path:
         return read_yaml(path)
 

@@ -1,4 +1,4 @@
-"""Shim for launchers that take a file path (``deepspeed --num_gpus 8 scripts/run_tracks.py ...``).
+"""Shim: ``python scripts/run_tracks.py TRACKS.yaml`` (started once, without a launcher: it launches every track).
 
 The command is :mod:`mapsage_ds.cli.tracks` (also installed as ``mapsage-tracks``); see its ``--help``.
 """

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +15,11 @@ from pathlib import Path
 from mapsage_ds.errors import ConfigError
 from mapsage_ds.evaluation.protocol import EvalProtocol
 from mapsage_ds.runtime.accelerator import visible_devices_env
-from mapsage_ds.runtime.launchers import launcher_world
+from mapsage_ds.runtime.launchers import launcher_world, without_world_variables
 from mapsage_ds.tracks.spec import LAUNCHERS, TrackEvaluation, TracksConfig, TrackSpec
+
+# Besides torch's and the launchers' variables (launchers.without_world_variables): torchrun's own.
+_ELASTIC_ENV = ("GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
 
 
 @dataclass(frozen=True)
@@ -22,6 +28,58 @@ class Launch:
 
     command: list[str]
     env: dict[str, str]
+
+
+class Job:
+    """A launched command running in a session of its own, its output going to ``log``.
+
+    The session lets :meth:`stop` end the whole process tree (launcher and ranks) at once.
+    """
+
+    def __init__(self, launch: Launch, log: Path) -> None:
+        env = without_world_variables(os.environ, extra=_ELASTIC_ENV)
+        env.update(launch.env)
+        self.log = log
+        self.handle = log.open("w")
+        self.handle.write("$ " + " ".join(launch.command) + "\n")
+        self.handle.flush()
+        self.started = time.time()
+        self.process = subprocess.Popen(launch.command, env=env, stdout=self.handle, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+
+    def poll(self) -> int | None:
+        """The exit status once the command has ended, else None."""
+        code = self.process.poll()
+        if code is not None:
+            self.handle.close()
+        return code
+
+    def stop(self) -> None:
+        """End the process tree: SIGTERM, then SIGKILL after 30 s."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.handle.close()
+
+
+def run_to_end(launch: Launch, log: Path, *, poll_seconds: float = 1.0) -> tuple[int, float]:
+    """Run ``launch`` with its output in ``log`` until it ends; returns its exit status and wall seconds.
+
+    If this process is interrupted (Ctrl-C, SIGTERM turned into an exception), the command's whole
+    process tree is stopped before the exception goes on.
+    """
+    job = Job(launch, log)
+    try:
+        while (code := job.poll()) is None:
+            time.sleep(poll_seconds)
+    except BaseException:
+        job.stop()
+        raise
+    return code, time.time() - job.started
 
 
 def launcher_selects_by_include(accelerator: str) -> bool:
@@ -107,9 +165,12 @@ def evaluation_overrides(evaluation: TrackEvaluation) -> list[str]:
     return [f"eval.{key}={json.dumps(values[key])}" for key in EvalProtocol.__dataclass_fields__]
 
 
-def train_args(track: TrackSpec, config: TracksConfig, run_dir: Path) -> list[str]:
-    """Arguments of ``mapsage-finetune`` for ``track``."""
-    args = []
+def train_args(track: TrackSpec, config: TracksConfig, run_dir: Path, *, continue_run: str | None = None) -> list[str]:
+    """Arguments of ``mapsage-finetune`` (or ``mapsage-distill``) for ``track``.
+
+    ``continue_run`` is ``"resume"`` or ``"overwrite"`` for a run directory an earlier attempt left.
+    """
+    args = [] if continue_run is None else [f"--{continue_run}"]
     if track.recipe is not None:
         args += ["--recipe", track.recipe]
     if track.config is not None:
@@ -125,9 +186,14 @@ def train_args(track: TrackSpec, config: TracksConfig, run_dir: Path) -> list[st
     return args + ["--output-dir", str(run_dir)]
 
 
-def eval_args(evaluation: TrackEvaluation, *, weights_dir: Path, data_root: str, report_dir: Path) -> list[str]:
-    """Arguments of ``mapsage-evaluate``: the one protocol of every track, as ``--set eval.*`` overrides."""
-    args = ["--model", str(weights_dir), "--data-root", data_root, "--split", evaluation.split,
+def eval_args(evaluation: TrackEvaluation, *, weights_dir: Path | None, data_root: str,
+              report_dir: Path) -> list[str]:
+    """Arguments of ``mapsage-evaluate``: the one protocol of every track, as ``--set eval.*`` overrides.
+
+    The model is ``weights_dir`` (an export); None when the protocol names an ensemble (``eval.ensemble``).
+    """
+    model = [] if weights_dir is None else ["--model", str(weights_dir)]
+    args = [*model, "--data-root", data_root, "--split", evaluation.split,
             "--scenes", evaluation.scenes, "--num-panels", str(evaluation.num_panels), "--output-dir", str(report_dir)]
     for override in evaluation_overrides(evaluation):
         args += ["--set", override]

@@ -17,15 +17,16 @@ Layout under ``output_dir``::
     <track>/eval.log     stdout and stderr of the evaluation
     <track>/status.json  what ran, where, how long, and how it ended
     leaderboard.md, leaderboard.json
+
+Run again with ``resume``, the tracks that ended ``ok`` are kept as they are; a track whose
+training finished (its ``export/`` is written last) is only evaluated again; the others continue
+from their latest checkpoint (``--resume``), or start over when none was written.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -39,14 +40,13 @@ from mapsage_ds.errors import MapSageError
 from mapsage_ds.evaluation.metrics import class_names_or_default
 from mapsage_ds.evaluation.report import read_report
 from mapsage_ds.files import write_json
-from mapsage_ds.runtime.launchers import without_world_variables
+from mapsage_ds.runtime import checkpoint
 from mapsage_ds.runtime.network import free_port
-from mapsage_ds.tracks.launch import Launch, eval_args, launch_command, overrides_of, train_args
+from mapsage_ds.tracks.launch import Job, eval_args, launch_command, overrides_of, train_args
 from mapsage_ds.tracks.leaderboard import leaderboard_text
 from mapsage_ds.tracks.spec import TracksConfig, TrackSpec
+from mapsage_ds.training.run_dir import RUN_MARKER
 
-# Besides torch's and the launchers' variables (launchers.without_world_variables): torchrun's own.
-_ELASTIC_ENV = ("GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
 _LOG_TAIL = 2000
 
 
@@ -70,37 +70,6 @@ class TrackStatus:
     finished: float | None = None
 
 
-class _Job:
-    """A running phase of a track: its process group, log file and start time."""
-
-    def __init__(self, launch: Launch, log: Path) -> None:
-        env = without_world_variables(os.environ, extra=_ELASTIC_ENV)
-        env.update(launch.env)
-        self.log = log
-        self.handle = log.open("w")
-        self.handle.write("$ " + " ".join(launch.command) + "\n")
-        self.handle.flush()
-        self.started = time.time()
-        # A session of its own: the whole process tree can be stopped by this id.
-        self.process = subprocess.Popen(launch.command, env=env, stdout=self.handle, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
-
-    def poll(self) -> int | None:
-        code = self.process.poll()
-        if code is not None:
-            self.handle.close()
-        return code
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-        self.handle.close()
-
-
 class TrackRunner:
     """Runs the tracks of a :class:`TracksConfig` concurrently and writes the leaderboard.
 
@@ -122,16 +91,21 @@ class TrackRunner:
         """Everything of ``track`` lives here."""
         return self.root / track.name
 
-    def run(self, *, leaderboard_only: bool = False) -> dict[str, Any]:
-        """Train (unless ``leaderboard_only``) and evaluate every track, then write the leaderboard."""
+    def run(self, *, leaderboard_only: bool = False, resume: bool = False) -> dict[str, Any]:
+        """Train (unless ``leaderboard_only``) and evaluate every track, then write the leaderboard.
+
+        With ``resume``, what an earlier run of these tracks finished is kept (see the module docstring).
+        """
         self.root.mkdir(parents=True, exist_ok=True)
-        jobs: dict[str, tuple[str, _Job]] = {}
+        jobs: dict[str, tuple[str, Job]] = {}
         try:
             for track in self.config.tracks:
                 self.track_dir(track).mkdir(parents=True, exist_ok=True)
                 if leaderboard_only:
                     self._restore_timings(track)
                     self._start_eval(track, jobs)
+                elif resume:
+                    self._continue(track, jobs)
                 else:
                     self._start_train(track, jobs)
             while jobs:
@@ -161,11 +135,30 @@ class TrackRunner:
                 self._ports.add(port)
                 return port
 
-    def _start_train(self, track: TrackSpec, jobs: dict) -> None:
+    def _continue(self, track: TrackSpec, jobs: dict) -> None:
+        """Keep, evaluate or resume what an earlier attempt left of ``track``."""
+        directory = self.track_dir(track)
+        previous = json.loads((directory / "status.json").read_text()) if (directory / "status.json").is_file() \
+            else {}
+        if previous.get("status") == "ok" and (directory / "eval").is_dir():
+            self.statuses[track.name] = TrackStatus(**previous)
+            return
+        run = directory / "run"
+        if (run / "export" / "model.safetensors").is_file() and previous.get("train_command"):
+            self._restore_timings(track)
+            self.statuses[track.name].data_root = previous.get("data_root")
+            self._start_eval(track, jobs)
+            return
+        if checkpoint.latest_tag(run / "checkpoints") is not None:
+            self._start_train(track, jobs, continue_run="resume")
+        else:  # stopped before its first checkpoint: nothing to keep
+            self._start_train(track, jobs, continue_run="overwrite" if (run / RUN_MARKER).exists() else None)
+
+    def _start_train(self, track: TrackSpec, jobs: dict, *, continue_run: str | None = None) -> None:
         status = self.statuses[track.name]
         status.started = time.time()
         directory = self.track_dir(track)
-        args = train_args(track, self.config, directory / "run")
+        args = train_args(track, self.config, directory / "run", continue_run=continue_run)
         try:
             resolved = load_config(recipe=track.recipe, config_file=track.config,
                                    overrides=overrides_of(args))
@@ -175,7 +168,7 @@ class TrackRunner:
                 check_generation_root(resolved.data)
                 ensure_synthetic_tree(resolved.data.root, resolved.data.synthetic)
             port = self._port(track)
-            launch = launch_command("finetune", [*args, "--accelerator", self.accelerator], nproc=track.nproc,
+            launch = launch_command(track.command, [*args, "--accelerator", self.accelerator], nproc=track.nproc,
                                     cards=track.cards, accelerator=self.accelerator, launcher=self.config.launcher,
                                     master_port=port, python=self.python)
         except MapSageError as error:
@@ -184,7 +177,7 @@ class TrackRunner:
         status.master_port, status.train_command = port, launch.command
         status.status = "training"
         self._save(track)
-        jobs[track.name] = ("train", _Job(launch, directory / "train.log"))
+        jobs[track.name] = ("train", Job(launch, directory / "train.log"))
 
     def _start_eval(self, track: TrackSpec, jobs: dict) -> None:
         status = self.statuses[track.name]
@@ -210,9 +203,9 @@ class TrackRunner:
         status.eval_command = launch.command
         status.status = "evaluating"
         self._save(track)
-        jobs[track.name] = ("eval", _Job(launch, directory / "eval.log"))
+        jobs[track.name] = ("eval", Job(launch, directory / "eval.log"))
 
-    def _finished(self, track: TrackSpec, phase: str, job: _Job, code: int, jobs: dict) -> None:
+    def _finished(self, track: TrackSpec, phase: str, job: Job, code: int, jobs: dict) -> None:
         status = self.statuses[track.name]
         seconds = time.time() - job.started
         if phase == "train":
@@ -221,7 +214,7 @@ class TrackRunner:
             status.eval_wall_s = seconds
         if code != 0:
             self._fail(track, phase,
-                       f"exit status {code}: {_cause(job.log)}\nlast lines of {job.log}:\n{_tail(job.log)}")
+                       f"exit status {code}: {error_line(job.log)}\nlast lines of {job.log}:\n{_tail(job.log)}")
             return
         if phase == "train":
             self._start_eval(track, jobs)
@@ -289,8 +282,8 @@ _EXCEPTION_LINE = re.compile(
     r"^(?:\[rank\d+\]:\s*)?((?:\[rank \d+\] )?error: .*|(?:[\w.]+\.)?\w*(?:Error|Exception)\b.*)$")
 
 
-def _cause(path: Path) -> str:
-    """The last error line a process printed (the launcher's own wrapper error left aside)."""
+def error_line(path: Path) -> str:
+    """The last error line a process printed into the log ``path`` (the launcher's own wrapper error left aside)."""
     lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
     causes = [m.group(1) for m in map(_EXCEPTION_LINE.match, lines) if m and "ChildFailedError" not in m.group(1)]
     return causes[-1] if causes else "see the log"

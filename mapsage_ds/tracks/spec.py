@@ -11,6 +11,7 @@ from mapsage_ds.errors import ConfigError
 from mapsage_ds.evaluation.protocol import EvalProtocol
 
 LAUNCHERS = ("torchrun", "deepspeed")
+TRAIN_COMMANDS = ("finetune", "distill")
 WEIGHTS = ("export", "best")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -28,6 +29,7 @@ class TrackSpec:
         cards: Card indices of this track (a disjoint group); None on CPU.
         processes: Processes to start; defaults to the number of cards (1 without cards).
         master_port: Rendezvous port of the track's process group (default: a free port).
+        command: ``finetune`` or ``distill`` (a ``task: distill`` recipe): the command that trains it.
     """
 
     name: str
@@ -38,6 +40,7 @@ class TrackSpec:
     cards: list[int] | None = None
     processes: int | None = None
     master_port: int | None = None
+    command: str = "finetune"
 
     @property
     def nproc(self) -> int:
@@ -77,6 +80,28 @@ class TracksConfig:
     data_root: str | None = None  # default data root of every track
 
 
+def read_tracks_data(path: str | Path) -> tuple[dict, list[str]]:
+    """The YAML of a tracks (or plan) file, and the problems of its ``evaluation`` protocol.
+
+    The protocol validates itself on construction; its problems are returned to be reported with
+    all the others, and its keys are dropped from the data so that the rest can still be read.
+
+    Raises:
+        MissingFileError: if the file does not exist.
+        ConfigError: if it has no ``tracks`` list.
+    """
+    data = read_yaml(path)
+    if "tracks" not in data:
+        raise ConfigError(f"{path}: no 'tracks' list")
+    try:
+        from_dict(TrackEvaluation, data.get("evaluation") or {}, prefix="evaluation.")
+    except ConfigError as error:
+        evaluation = {k: v for k, v in (data.get("evaluation") or {}).items()
+                      if k not in EvalProtocol.__dataclass_fields__}
+        return {**data, "evaluation": evaluation}, [str(error).replace("\n", "\n  ")]
+    return data, []
+
+
 def read_tracks_config(path: str | Path) -> TracksConfig:
     """Read and validate a tracks file.
 
@@ -84,17 +109,7 @@ def read_tracks_config(path: str | Path) -> TracksConfig:
         MissingFileError: if the file does not exist.
         ConfigError: on an unknown key, a wrong type, or any problem :func:`validate_tracks` finds.
     """
-    data = read_yaml(path)
-    if "tracks" not in data:
-        raise ConfigError(f"{path}: no 'tracks' list")
-    # The protocol validates itself on construction; its problems are reported with all the others.
-    protocol_problems = []
-    try:
-        from_dict(TrackEvaluation, data.get("evaluation") or {}, prefix="evaluation.")
-    except ConfigError as error:
-        protocol_problems.append(str(error).replace("\n", "\n  "))
-        data = {**data, "evaluation": {k: v for k, v in (data.get("evaluation") or {}).items()
-                                       if k not in EvalProtocol.__dataclass_fields__}}
+    data, protocol_problems = read_tracks_data(path)
     config = from_dict(TracksConfig, data)
     validate_tracks(config, problems=protocol_problems)
     return config
@@ -115,6 +130,9 @@ def validate_tracks(config: TracksConfig, *, problems: list[str] | None = None) 
         problems.append(f"launcher={config.launcher!r}: expected one of {', '.join(LAUNCHERS)}")
     owner: dict[int, int] = {}
     for index, track in enumerate(config.tracks):
+        if track.command not in TRAIN_COMMANDS:
+            problems.append(f"track {track.name}: command={track.command!r}: expected one of "
+                            f"{', '.join(TRAIN_COMMANDS)}")
         if track.recipe is None and track.config is None:
             problems.append(f"track {track.name}: give a recipe or a config file")
         if track.cards is not None:

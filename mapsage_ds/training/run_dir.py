@@ -111,11 +111,13 @@ def _describe_holder(text: str) -> str:
         return f"holder unknown ({text.strip()[:80]!r})"
 
 
-def claim_output_dir(path: str | Path, *, resume: bool, overwrite: bool) -> OwnedRunDirectory:
+def claim_output_dir(path: str | Path, *, resume: bool, overwrite: bool,
+                     outputs: tuple[str, ...] = RUN_OUTPUTS) -> OwnedRunDirectory:
     """Lock ``path`` for this run and decide whose outputs it holds (call on rank 0 only).
 
     A fresh run needs a directory without another run's outputs; ``resume`` needs the run's
-    own ``run.json``; ``overwrite`` removes the previous run's outputs (:data:`RUN_OUTPUTS`).
+    own ``run.json``; ``overwrite`` removes the previous run's ``outputs`` (by default a training
+    run's, :data:`RUN_OUTPUTS`; a plan has its own).
 
     Raises:
         OutputDirectoryError: the path is a file or unwritable, another live run holds it, or it
@@ -131,7 +133,7 @@ def claim_output_dir(path: str | Path, *, resume: bool, overwrite: bool) -> Owne
         if stale:
             owned.notes.append(stale)
         run_id = read_run_id(path)
-        outputs = [name for name in RUN_OUTPUTS if (path / name).exists()]
+        outputs = [name for name in dict.fromkeys((*outputs, RUN_MARKER)) if (path / name).exists()]
         if resume:
             if run_id is None and not outputs:
                 raise OutputDirectoryError(f"--resume: no checkpoint in {path}: no run was started there")
