@@ -14,6 +14,17 @@ Three loops train the same network (same initial weights), batch geometry, loss 
 - ``ddp``: ``torch.nn.parallel.DistributedDataParallel`` with torch AdamW (bf16 presets under
   ``torch.autocast``), fed like ``bare``.
 
+``--variants channels_last,eager_attention,compile`` adds one more toolkit loop per variant, each
+changing one thing against ``toolkit`` (which trains as a run does: transformers' fused SDPA
+attention, contiguous tensors, no compilation), reported as a ratio to it so that each is kept
+only where it pays:
+
+- ``channels_last``: input images, and so the convolutions' activations, in channels-last memory
+  format (the weights cannot be: DeepSpeed's initial broadcast refuses channels-last parameters);
+- ``eager_attention``: transformers' unfused (eager) attention instead of SDPA;
+- ``compile``: ``torch.compile`` of the module through ``DeepSpeedEngine.compile`` with the
+  accelerator's backend (inductor; GCU: Enflame's). Its compilation happens in the warm-up.
+
 After a warm-up of each, the loops run in blocks of --block steps, interleaved in rotating order
 for --rounds rounds; a block's time (device synchronised at its end) over its steps is one sample,
 and the figures are medians. Rank 0 prints the table, writes it between the markers in --doc, and
@@ -36,8 +47,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.flop_counter import FlopCounterMode
+from transformers import PreTrainedModel
 
 from mapsage_ds.builders import (
     build_dataset,
@@ -71,6 +84,14 @@ PRESETS: dict[str, tuple[str, list[str], int]] = {
                                             "train.grad_accum_steps=1", "model.pretrained=null",
                                             "unfreeze=null"], 1024),
 }
+# Variants of the toolkit step, each measured against it (--variants).
+VARIANTS = {
+    "channels_last": "input images, and so the activations, in channels-last memory format",
+    "eager_attention": "transformers' eager attention instead of fused SDPA",
+    "compile": "torch.compile of the module (DeepSpeedEngine.compile, the accelerator's backend)",
+}
+# A variant "pays" when it beats the toolkit step by more than this (the medians' noise on a busy machine).
+PAYS_MARGIN = 0.03
 # Dense bf16 peak of one card, for the MFU (vendor data sheets).
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}
 
@@ -109,8 +130,44 @@ def plain_loader(dataset: TransformedDataset, config: Config, *, rank: int, worl
     return endless(loader, sampler)
 
 
-def build_loops(config: Config, ctx, *, ds_config: dict) -> tuple[list[Loop], SegmentationTask, dict]:
-    """The three loops over three copies of one network; also the task and one batch (for FLOPs)."""
+def apply_variant(task: SegmentationTask, variant: str | None) -> None:
+    """Change ``task`` (before its engine is built) as ``variant`` says."""
+    if variant == "channels_last":
+        # The weights stay contiguous: DeepSpeed's initial broadcast views every parameter as bytes,
+        # which a channels-last tensor refuses. Convolutions follow the input's format.
+        def images_channels_last(module, args):
+            (batch,) = args
+            batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+
+        task.register_forward_pre_hook(images_channels_last)
+    elif variant == "eager_attention":
+        models = [m for m in task.modules() if isinstance(m, PreTrainedModel)]
+        for model in models:
+            model.set_attn_implementation("eager")
+        if not models:
+            raise ConfigError("--variants eager_attention: the model has no transformers attention to switch")
+
+
+def toolkit_loop(name: str, task: SegmentationTask, config: Config, ctx, built, ds_config: dict,
+                 train_data: TransformedDataset, *, compile_module: bool = False) -> Loop:
+    """``Trainer.train_step`` as a run builds it: the run's stream, engine builder and trainer."""
+    stream = build_train_stream(config.data, train_data, ctx, batch_size=config.train.micro_batch_size,
+                                seed=config.train.seed, num_classes=len(LOVEDA_CLASSES))
+    engine = build_engine_builder(config, task.to(ctx.device, compute_dtype(ds_config)), built, ds_config,
+                                  verbose=False).build(0)
+    if compile_module:
+        engine.compile(backend=get_accelerator().get_compile_backend())
+    trainer = Trainer(
+        engine=engine, schedule=LRSchedule(base_lr=config.optim.lr, total_steps=10**9), stream=stream,
+        evaluate=lambda: None, on_new_best=lambda *_: None, ctx=ctx, checkpoint_dir=Path(tempfile.gettempdir()),
+        logger=RunLogger(".", enabled=False, total_steps=0), max_steps=10**9, grad_accum_steps=1, eval_every=10**9,
+        save_every=10**9, log_every=10**9, keep_checkpoints=1, client_config={}, run_id="benchmark")
+    return Loop(name, trainer.train_step)
+
+
+def build_loops(config: Config, ctx, *, ds_config: dict, variants: list[str] = ()
+                ) -> tuple[list[Loop], SegmentationTask, dict]:
+    """The loops over copies of one network (toolkit, bare, ddp, the variants); also the task and one batch."""
     class_names = list(LOVEDA_CLASSES)
     built = build_run_model(config, class_names, ds_config=ds_config)
     train_data = TransformedDataset(build_dataset(config.data, config.data.train_split),
@@ -119,16 +176,10 @@ def build_loops(config: Config, ctx, *, ds_config: dict) -> tuple[list[Loop], Se
     loss = build_task_loss(config.loss, num_classes=len(class_names))
     task = SegmentationTask(built.module, ignore_index=IGNORE_INDEX, loss=loss)
     bare_task, ddp_task = copy.deepcopy(task), copy.deepcopy(task)
+    variant_tasks = {variant: copy.deepcopy(task) for variant in variants}
     pin = ctx.device.type != "cpu"
 
-    stream = build_train_stream(config.data, train_data, ctx, batch_size=config.train.micro_batch_size,
-                                seed=config.train.seed, num_classes=len(class_names))
-    engine = build_engine_builder(config, task.to(ctx.device, dtype), built, ds_config, verbose=False).build(0)
-    trainer = Trainer(
-        engine=engine, schedule=LRSchedule(base_lr=config.optim.lr, total_steps=10**9), stream=stream,
-        evaluate=lambda: None, on_new_best=lambda *_: None, ctx=ctx, checkpoint_dir=Path(tempfile.gettempdir()),
-        logger=RunLogger(".", enabled=False, total_steps=0), max_steps=10**9, grad_accum_steps=1, eval_every=10**9,
-        save_every=10**9, log_every=10**9, keep_checkpoints=1, client_config={}, run_id="benchmark")
+    loops = [toolkit_loop("toolkit", task, config, ctx, built, ds_config, train_data)]
 
     bare_task.to(ctx.device, dtype)
     bare_engine = initialize_engine(bare_task, build_optimizer(
@@ -161,9 +212,13 @@ def build_loops(config: Config, ctx, *, ds_config: dict) -> tuple[list[Loop], Se
         ddp_optimizer.step()
         ddp_optimizer.zero_grad(set_to_none=True)
 
+    loops += [Loop("bare", bare_step), Loop("ddp", ddp_step)]
+    for variant, variant_task in variant_tasks.items():
+        apply_variant(variant_task, variant)
+        loops.append(toolkit_loop(f"toolkit+{variant}", variant_task, config, ctx, built, ds_config, train_data,
+                                  compile_module=variant == "compile"))
     sample = {k: v.to(ctx.device) for k, v in next(plain_loader(train_data, config, rank=0, world_size=1, pin=False))
               .items() if isinstance(v, torch.Tensor)}
-    loops = [Loop("toolkit", trainer.train_step), Loop("bare", bare_step), Loop("ddp", ddp_step)]
     return loops, bare_task, sample
 
 
@@ -220,11 +275,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=5, help="steps of each loop before timing")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     parser.add_argument("--block", type=int, default=10, help="steps per timed block")
+    parser.add_argument("--variants", default="", help=f"comma list of toolkit variants measured against it: "
+                                                         f"{', '.join(VARIANTS)}")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override KEY=VALUE")
     parser.add_argument("--accelerator", default=None)
     parser.add_argument("--doc", default=str(REPO / "docs" / "benchmarks.md"))
     parser.add_argument("--machine", default=None, help="machine description for the table (default: detected)")
     args = parser.parse_args(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ConfigError(f"--variants {args.variants}: unknown {', '.join(unknown)}; expected any of "
+                          f"{', '.join(VARIANTS)}")
 
     ctx = setup_distributed(args.accelerator)
     try:
@@ -237,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
         config = preset_config(args.preset, root, args.overrides)
         ds_config = build_ds_config(config.train, config.optim, world_size=ctx.world_size, accelerator=ctx.accelerator)
         torch.manual_seed(config.train.seed)
-        loops, task, sample = build_loops(config, ctx, ds_config=ds_config)
+        loops, task, sample = build_loops(config, ctx, ds_config=ds_config, variants=variants)
         samples = measure(loops, device=ctx.device, warmup=args.warmup, rounds=args.rounds, block=args.block)
         dtype = compute_dtype(ds_config)
         flops = step_flops(task, sample, dtype) * ctx.world_size
@@ -256,9 +318,11 @@ def report(args: argparse.Namespace, ctx, config: Config, samples: dict[str, lis
     machine = args.machine or describe_machine(ctx.device)
     card_peak = peak_tflops(machine)
     peak = peak_memory(ctx.device)
+    variants = {name.removeprefix("toolkit+"): median[name] / median["toolkit"]
+                for name in median if name.startswith("toolkit+")}
     figures = {"median_s": median, "toolkit/bare": median["toolkit"] / median["bare"], "peak_memory": peak,
                "ddp/bare": median["ddp"] / median["bare"], "images_per_s": images / median["toolkit"],
-               "tflops": flops / median["toolkit"] / 1e12}
+               "tflops": flops / median["toolkit"] / 1e12, "variants": variants}
     if not ctx.is_main:
         return figures
     lines = [
@@ -272,7 +336,7 @@ def report(args: argparse.Namespace, ctx, config: Config, samples: dict[str, lis
         "| loop | s/step | × bare | images/s |",
         "|---|---|---|---|",
     ]
-    for name in ("toolkit", "bare", "ddp"):
+    for name in median:
         lines.append(f"| {name} | {median[name]:.4f} | {median[name] / median['bare']:.2f} | "
                      f"{images / median[name]:.1f} |")
     achieved = figures["tflops"]
@@ -281,6 +345,13 @@ def report(args: argparse.Namespace, ctx, config: Config, samples: dict[str, lis
     lines += ["", f"Model FLOPs per step {flops / 1e12:.3f} TFLOP (forward + backward, all ranks): "
                   f"{achieved:.3f} TFLOP/s achieved by the toolkit step{mfu}. Peak memory of rank 0, all three "
                   f"loops alive: {peak}.", ""]
+    if variants:
+        lines += ["| variant of the toolkit step | × toolkit | verdict |", "|---|---|---|"]
+        for variant, ratio in variants.items():
+            verdict = "pays" if ratio < 1 - PAYS_MARGIN else "slower" if ratio > 1 + PAYS_MARGIN else "no effect"
+            lines.append(f"| {variant}: {VARIANTS[variant]} | {ratio:.2f} | {verdict} |")
+        lines += ["", f"A variant pays when it is more than {PAYS_MARGIN:.0%} faster than the toolkit step as it "
+                      "trains today; only then is it worth turning on for this model and machine.", ""]
     section = "\n".join(lines)
     print(section)
     replace_marked_section(args.doc, f"train-benchmark-{args.preset}-{ctx.world_size}", section)

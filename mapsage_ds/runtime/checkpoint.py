@@ -211,10 +211,11 @@ def _agree_on_write(error: BaseException | None, engine: deepspeed.DeepSpeedEngi
             f"a checkpoint of this run takes about {human_bytes(needed)}. The partial checkpoint was "
             f"removed and 'latest' still names {latest_tag(root) or 'no checkpoint'}: free space (or move "
             f"output_dir) and continue with --resume")
-    flags = _gather_objects(failure is not None)
-    if any(flags) and dist.get_rank() == 0:
-        shutil.rmtree(folder, ignore_errors=True)
-    raise_if_any_failed(failure)
+    def remove_partial() -> None:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    raise_if_any_failed(failure, on_failure=remove_partial)
 
 
 def prune_checkpoints(root: str | Path, *, keep: int, protect_steps: set[int]) -> None:

@@ -7,20 +7,25 @@ write one rank does) end in :func:`raise_if_any_failed`, a collective every rank
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch.distributed as dist
 
 from mapsage_ds.errors import FailedOnAnotherRank, MapSageError
 
 
-def raise_if_any_failed(error: MapSageError | None) -> None:
+def raise_if_any_failed(error: MapSageError | None, *, on_failure: Callable[[], None] | None = None) -> None:
     """Collective: raise on every rank when ``error`` is set on any rank.
 
     The lowest failing rank raises its own error, which its command prints; every other rank
     raises :class:`~mapsage_ds.errors.FailedOnAnotherRank` with the same exit status, which is
     not printed. Without a process group this simply raises ``error`` when it is set.
+    ``on_failure`` runs on every rank first when any failed (e.g. rank 0 removes a partial write).
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         if error is not None:
+            if on_failure is not None:
+                on_failure()
             raise error
         return
     reports: list[tuple[int, int] | None] = [None] * dist.get_world_size()
@@ -29,6 +34,8 @@ def raise_if_any_failed(error: MapSageError | None) -> None:
     failed = [report for report in reports if report is not None]
     if not failed:
         return
+    if on_failure is not None:
+        on_failure()
     first_rank, exit_status = min(failed)
     if first_rank == dist.get_rank():
         raise error
