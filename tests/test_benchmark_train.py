@@ -45,9 +45,9 @@ def test_the_variants_change_what_they_say(world_of_one):
     attention; neither changes the loss beyond float rounding."""
     import torch
 
-    from mapsage_ds.data.classes import IGNORE_INDEX, LOVEDA_CLASSES
     from mapsage_ds.builders import build_task_loss
     from mapsage_ds.config import LossConfig
+    from mapsage_ds.data.classes import IGNORE_INDEX, LOVEDA_CLASSES
     from mapsage_ds.models.segformer import build_segformer
     from mapsage_ds.tasks import SegmentationTask
 
