@@ -133,12 +133,24 @@ def _launch_nodes(path: str, args: list[str], *, nodes: int, timeout: int) -> st
     return output
 
 
+WORLD_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def clear_world(monkeypatch: pytest.MonkeyPatch, *extra: str) -> None:
+    """Remove the launcher variables (and ``extra``) for this test; they are restored when it ends.
+
+    Each is set before it is removed, so that monkeypatch restores it even when a command run in
+    this process (``setup_distributed``) sets it meanwhile.
+    """
+    for key in (*WORLD_VARIABLES, *extra):
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+
+
 @pytest.fixture
 def world_of_one(monkeypatch):
     """No launcher variables: main() forms its own world of one in this process."""
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.setenv(key, "")  # registered for restoring, then removed
-        monkeypatch.delenv(key)
+    clear_world(monkeypatch)
 
 
 @pytest.fixture

@@ -12,14 +12,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import REPO, subprocess_env
+from conftest import REPO, clear_world, subprocess_env
 from mapsage_ds import cli
 from mapsage_ds.cli import convert, evaluate
 from mapsage_ds.errors import ConfigError, DataError, FailedOnAnotherRank, MissingFileError, StorageError
 from mapsage_ds.models import load_exported, read_state_dict
 
 UNKNOWN_KEY = ["--set", "train.no_such_key=1"]
-_WORLD = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "MAPSAGE_DEBUG")
 
 
 def run_script(script: str, args: list[str], **env: str) -> subprocess.CompletedProcess:
@@ -34,9 +33,7 @@ def error_lines(text: str) -> list[str]:
 @pytest.fixture
 def plain_world(monkeypatch):
     """No launcher variables and no MAPSAGE_DEBUG, whatever the environment of the test run."""
-    for key in _WORLD:
-        monkeypatch.setenv(key, "")  # registered for restoring (setup_distributed sets them), then removed
-        monkeypatch.delenv(key)
+    clear_world(monkeypatch, "MAPSAGE_DEBUG")
     return monkeypatch
 
 

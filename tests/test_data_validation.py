@@ -16,7 +16,7 @@ from datasets import Dataset, Features
 from datasets import Image as HFImage
 from PIL import Image
 
-from conftest import REPO, subprocess_env, tiny_run_config, write_config
+from conftest import REPO, clear_world, subprocess_env, tiny_run_config, write_config
 from mapsage_ds.builders import prepare_data_root, validate_data
 from mapsage_ds.cli import finetune
 from mapsage_ds.cli.args import add_config_arguments, config_from_args
@@ -26,8 +26,6 @@ from mapsage_ds.data.synthetic import MARKER_NAME
 from mapsage_ds.data.validation import cache_file_for, default_cache_dir, validate_dataset, validation_error
 from mapsage_ds.errors import ConfigError, DataError
 from mapsage_ds.runtime.network import free_port
-
-WORLD_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @pytest.fixture(autouse=True)
@@ -46,9 +44,7 @@ def tree(tiny_tree: Path, tmp_path: Path) -> Path:
 @pytest.fixture
 def no_world(monkeypatch: pytest.MonkeyPatch) -> None:
     """No launcher variables: ``finetune.main`` forms its own world of one process, as plain ``python`` does."""
-    for key in WORLD_VARIABLES:
-        monkeypatch.setenv(key, "")  # registered for restoring, then removed
-        monkeypatch.delenv(key)
+    clear_world(monkeypatch)
 
 
 def truncate(path: Path) -> Path:

@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 from tiny_sam import save_tiny_sam
 
-from conftest import REPO, launch, tiny_run_config, write_config
+from conftest import REPO, clear_world, launch, tiny_run_config, write_config
 from mapsage_ds.data import write_loveda_sample
 from mapsage_ds.data.loveda import LoveDA
 from mapsage_ds.errors import ConfigError
@@ -25,24 +25,20 @@ from mapsage_ds.tasks import SegmentationTask
 
 pytestmark = pytest.mark.slow
 
-_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 SLIDE_TTA = ["--mode", "slide", "--tile", "48", "--stride", "32", "--tta-scales", "0.75,1.0", "--tta-flip",
              "--window-batch-size", "3"]
 
 
 def run_main(script: str, argv: list[str], monkeypatch):
     """``scripts/{script}`` main(argv) in this process, as a world of one, leaving the environment as it was."""
-    for key in _DIST_ENV:
-        monkeypatch.setenv(key, "")  # registered for restoring, then removed
-        monkeypatch.delenv(key)
+    clear_world(monkeypatch)
     spec = importlib.util.spec_from_file_location(f"script_{Path(script).stem}", REPO / "scripts" / script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     try:
         return module.main(argv)
     finally:
-        for key in _DIST_ENV:
-            monkeypatch.delenv(key, raising=False)
+        clear_world(monkeypatch)
 
 
 @pytest.fixture(scope="module")

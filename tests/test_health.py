@@ -16,6 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import DINOv3ViTModel
 
+from conftest import WORLD_VARIABLES
 from mapsage_ds.builders import build_task_loss, build_train_transform
 from mapsage_ds.config import load_config
 from mapsage_ds.data import LOVEDA_CLASSES, LOVEDA_PALETTE, LoveDA, write_loveda_sample
@@ -49,13 +50,12 @@ from mapsage_ds.runtime.engine import fill_ds_config, read_ds_config
 from mapsage_ds.tasks import SegmentationTask
 
 CLASSES = list(LOVEDA_CLASSES)
-_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @pytest.fixture(scope="module")
 def ctx():
     """This process as a world of one on the CPU (the overfit and collectives need a process group)."""
-    saved = {key: os.environ.pop(key) for key in _DIST_ENV if key in os.environ}
+    saved = {key: os.environ.pop(key) for key in WORLD_VARIABLES if key in os.environ}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # two shared cores: one thread each is faster than contention
     started = not dist.is_initialized()
@@ -64,7 +64,7 @@ def ctx():
     torch.set_num_threads(threads)
     if started and dist.is_initialized():
         teardown_distributed()
-    for key in _DIST_ENV:
+    for key in WORLD_VARIABLES:
         os.environ.pop(key, None)
     os.environ.update(saved)
 

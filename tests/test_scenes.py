@@ -16,7 +16,7 @@ from rasterio.features import rasterize
 from rasterio.transform import from_origin
 from torch import nn
 
-from conftest import launch
+from conftest import clear_world, launch
 from mapsage_ds.cli.predict import main as predict_main
 from mapsage_ds.data.classes import LOVEDA_CLASSES, LOVEDA_PALETTE
 from mapsage_ds.data.rasters import BandScaling, RasterScene, parse_bands, parse_scaling
@@ -41,7 +41,6 @@ CRS_UTM50 = CRS.from_epsg(32650)
 TRANSFORM = from_origin(400_000.0, 3_500_000.0, 0.3, 0.3)  # 0.3 m pixels
 HEIGHT, WIDTH, TILE, STRIDE = 260, 300, 128, 96  # neither side a multiple of the tile or stride
 SLIDE = ["--tile", str(TILE), "--stride", str(STRIDE), "--window-batch-size", "3"]
-_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @pytest.fixture(scope="module")
@@ -68,14 +67,11 @@ def reference(export_dir) -> Predictor:
 
 def run_predict(argv: list[str], monkeypatch) -> int:
     """``mapsage-predict`` main(argv) in this process as a world of one."""
-    for key in _DIST_ENV:
-        monkeypatch.setenv(key, "")
-        monkeypatch.delenv(key)
+    clear_world(monkeypatch)
     try:
         return predict_main(argv)
     finally:
-        for key in _DIST_ENV:
-            monkeypatch.delenv(key, raising=False)
+        clear_world(monkeypatch)
 
 
 def write_raster(path: Path, data: np.ndarray, *, crs=CRS_UTM50, transform=TRANSFORM, nodata=None,

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import clear_world
 from mapsage_ds.cli.evaluate import main as evaluate_main
 from mapsage_ds.data.classes import IGNORE_INDEX, LOVEDA_CLASSES
 from mapsage_ds.data.loveda import LoveDA
@@ -23,7 +24,6 @@ from mapsage_ds.tasks import SegmentationTask
 
 NUM_CLASSES = 4
 CPU = torch.device("cpu")
-_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -220,9 +220,7 @@ SWEEP_ARGS = ["--tta-sweep", "scales=1,0.75", "flips=h,d4", "--mode", "slide", "
 
 def run_evaluate(argv: list[str], monkeypatch):
     """evaluate main(argv) in this process, as a world of one."""
-    for key in _DIST_ENV:
-        monkeypatch.setenv(key, "")  # registered for restoring, then removed
-        monkeypatch.delenv(key)
+    clear_world(monkeypatch)
     return evaluate_main(argv)
 
 
