@@ -343,8 +343,8 @@ def report(args: argparse.Namespace, ctx, config: Config, samples: dict[str, lis
     mfu = (f", MFU {achieved / (card_peak * ctx.world_size):.1%} of {card_peak:.0f} TFLOP/s per card"
            if card_peak else "")
     lines += ["", f"Model FLOPs per step {flops / 1e12:.3f} TFLOP (forward + backward, all ranks): "
-                  f"{achieved:.3f} TFLOP/s achieved by the toolkit step{mfu}. Peak memory of rank 0, all three "
-                  f"loops alive: {peak}.", ""]
+                  f"{achieved:.3f} TFLOP/s achieved by the toolkit step{mfu}. Peak memory of rank 0, all "
+                  f"{len(median)} loops alive: {peak}.", ""]
     if variants:
         lines += ["| variant of the toolkit step | × toolkit | verdict |", "|---|---|---|"]
         for variant, ratio in variants.items():

@@ -32,6 +32,10 @@ def resize_to_target(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     return F.interpolate(logits, size=tuple(target.shape[-2:]), mode="bilinear", align_corners=False)
 
 
+# Smallest positive float32: the denominator of a mean over no pixels, so that it is 0, not NaN.
+_TINY = torch.finfo(torch.float32).tiny
+
+
 def zero_loss(logits: torch.Tensor) -> torch.Tensor:
     """A zero scalar connected to ``logits`` (so backward still reaches every parameter)."""
     return logits.sum() * 0.0
@@ -85,11 +89,11 @@ def cross_entropy(
         - target: (N, H, W)
         - output: scalar
     """
-    logits = resize_to_target(logits, target)
-    if not bool((target != ignore_index).any()):
-        return zero_loss(logits)  # torch's mean over zero pixels is NaN
-    weight = None if class_weights is None else class_weights.to(logits.device, torch.float32)
-    return F.cross_entropy(logits, target, weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing)
+    loss, norm = pixel_cross_entropy(logits, target, ignore_index=ignore_index, class_weights=class_weights,
+                                     label_smoothing=label_smoothing)
+    # torch's own mean over zero valid pixels is NaN; this is 0 then. No data-dependent branch:
+    # nothing waits for the device, and torch.compile sees one graph.
+    return loss.sum() / norm.sum().clamp_min(_TINY)
 
 
 @torch.no_grad()
@@ -178,10 +182,9 @@ def dice_loss(
     target_sum = zeros.scatter_add(0, safe.flatten(), validf.flatten())
     prob_sum = (probs * validf.unsqueeze(1)).sum(dim=(0, 2, 3))
     dice = (2.0 * intersection + smooth) / (prob_sum + target_sum + smooth).clamp_min(eps)
-    present = target_sum > 0
-    if not bool(present.any()):
-        return zero_loss(logits)
-    return (1.0 - dice)[present].mean()
+    present = (target_sum > 0).float()
+    # The mean over the classes present; 0 when none is (all pixels ignored), without a branch.
+    return ((1.0 - dice) * present).sum() / present.sum().clamp_min(1.0)
 
 
 def lovasz_grad(gt_sorted: torch.Tensor) -> torch.Tensor:
@@ -269,7 +272,9 @@ def balanced_boundary_bce(boundary_logits: torch.Tensor, edges: torch.Tensor, *,
     positive = valid & (edges == 1)
     negative = valid & (edges == 0)
     bce = F.binary_cross_entropy_with_logits(logits, positive.float(), reduction="none")
-    sides = [bce[side].mean() for side in (positive, negative) if bool(side.any())]
-    if not sides:
-        return zero_loss(logits)
-    return torch.stack(sides).mean()
+    sides = torch.stack([positive, negative]).flatten(1).float()  # (2, pixels)
+    counts = sides.sum(dim=1)
+    means = (sides * bce.flatten()).sum(dim=1) / counts.clamp_min(1.0)
+    present = (counts > 0).float()
+    # The mean of the sides that have pixels; 0 when neither has (all ignored), without a branch.
+    return (means * present).sum() / present.sum().clamp_min(1.0)
