@@ -50,7 +50,7 @@ def test_the_wheel_holds_the_resources_and_imports_from_its_install(installed, t
     assert "demo" in recipes and stage == 2
     assert sorted(p.name for p in (installed / "bin").iterdir()) == sorted(
         f"mapsage-{c}" for c in ("finetune", "distill", "evaluate", "predict", "plan", "health", "tracks",
-                                 "leaderboard", "convert"))
+                                 "leaderboard", "convert", "run-plan"))
 
 
 def test_mapsage_finetune_from_an_empty_directory_runs_to_an_export(installed, tmp_path):
