@@ -326,9 +326,11 @@ def report(args: argparse.Namespace, ctx, config: Config, samples: dict[str, lis
     if not ctx.is_main:
         return figures
     lines = [
-        f"### Training step, preset `{args.preset}`, {ctx.world_size} process(es) — {machine}",
+        f"### Training step, preset `{args.preset}`, {ctx.world_size} process(es)"
+        f"{', variants of the toolkit step' if variants else ''} — {machine}",
         "",
-        f"`python scripts/benchmark_train.py --preset {args.preset}` ({config.model.arch} `{config.model.size}`, "
+        f"`python scripts/benchmark_train.py --preset {args.preset}"
+        f"{' --variants ' + ','.join(variants) if variants else ''}` ({config.model.arch} `{config.model.size}`, "
         f"{config.train.micro_batch_size} × {config.data.crop_size}² per process, `{config.train.deepspeed}`, "
         f"{str(dtype).removeprefix('torch.')}, {config.data.num_workers} loader workers; medians of {args.rounds} "
         f"interleaved blocks of {args.block} steps after {args.warmup} warm-up steps each).",
@@ -354,7 +356,8 @@ def report(args: argparse.Namespace, ctx, config: Config, samples: dict[str, lis
                       "trains today; only then is it worth turning on for this model and machine.", ""]
     section = "\n".join(lines)
     print(section)
-    replace_marked_section(args.doc, f"train-benchmark-{args.preset}-{ctx.world_size}", section)
+    marker = f"train-benchmark-{args.preset}-{ctx.world_size}" + ("-variants" if variants else "")
+    replace_marked_section(args.doc, marker, section)
     print(f"toolkit/bare = {figures['toolkit/bare']:.3f}")
     return figures
 
