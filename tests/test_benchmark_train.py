@@ -35,7 +35,9 @@ def test_demo_preset_times_three_loops_and_writes_its_section_once(tmp_path, wor
     assert capsys.readouterr().out.rstrip().splitlines()[-1] == f"toolkit/bare = {figures['toolkit/bare']:.3f}"
     script.main(argv)  # a rerun replaces its section instead of adding a second one
     text = doc.read_text()
-    assert text.count("### Training step, preset `demo`, 1 process(es) — test machine") == 1
+    heading = "### Training step, preset `demo`, 1 process(es), variants of the toolkit step — test machine"
+    assert text.count(heading) == 1
+    assert "<!-- train-benchmark-demo-1-variants:start -->" in text
     assert "| toolkit |" in text and "| ddp |" in text and "| toolkit+channels_last |" in text
     assert "| eager_attention: transformers' eager attention instead of fused SDPA |" in text
 
