@@ -175,8 +175,12 @@ class PlanConfig:
         return next(t for t in self.tracks if t.name == name)
 
     def fingerprint(self) -> str:
-        """SHA-256 of the plan's content: a resumed plan must be the one that started."""
-        return hashlib.sha256(json.dumps(to_dict(self), sort_keys=True).encode()).hexdigest()
+        """SHA-256 of the plan's content: a resumed plan must be the one that started.
+
+        ``output_dir`` is left out: it says where the plan runs, not what it does (``--output-dir``).
+        """
+        content = {k: v for k, v in to_dict(self).items() if k != "output_dir"}
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def read_plan(path: str | Path) -> PlanConfig:
