@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 import json
 import subprocess
@@ -11,18 +10,15 @@ import sys
 import deepspeed
 import pytest
 import torch
-from memprobe import PeakAnonymousMemory
 
 from conftest import REPO, subprocess_env
 from mapsage_ds.data.classes import LOVEDA_CLASSES
-from mapsage_ds.data.transforms import Normalize
 from mapsage_ds.errors import DataError
 from mapsage_ds.models.dinov3 import DINOv3Segmenter, default_feature_layers, dinov3_config
 from mapsage_ds.models.export import write_hf_export
 from mapsage_ds.models.factory import build_model
 from mapsage_ds.optim import build_param_groups
 from mapsage_ds.runtime.engine import fill_ds_config, read_ds_config
-from mapsage_ds.tasks.teacher import FrozenTeacher
 
 CLASSES = list(LOVEDA_CLASSES)
 
@@ -108,6 +104,29 @@ def test_weight_decay_split_is_the_same_for_zero3_shards(one_process_world):
     assert expected and {n for g in groups if g["weight_decay"] for n in g["names"]} == expected
 
 
+# Run in a fresh process: a long-lived pytest worker has freed heap of earlier tests that the load may
+# reuse, and then its private memory does not grow at all (seen in CI). Tensors above 64 KiB get pages
+# of their own, returned when freed (glibc's mallopt, M_MMAP_THRESHOLD); a first load, dropped, takes
+# the imports and caches out of the measured one.
+_TEACHER_PROBE = """
+import ctypes, gc, json, sys
+import torch
+from memprobe import PeakAnonymousMemory
+from mapsage_ds.data.transforms import Normalize
+from mapsage_ds.tasks.teacher import FrozenTeacher
+
+ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)
+normalize = Normalize(mean=(0.5,) * 3, std=(0.25,) * 3)
+def load():
+    return FrozenTeacher.load(sys.argv[1], input_normalize=normalize, device=torch.device("cpu"),
+                              dtype=torch.bfloat16)
+del_me = load(); del del_me; gc.collect()
+with PeakAnonymousMemory() as peak:
+    teacher = load()
+print(json.dumps({"growth": peak.growth, "dtypes": sorted({str(p.dtype) for p in teacher.model.parameters()})}))
+"""
+
+
 def test_a_teacher_loads_in_bf16_without_an_fp32_copy(tmp_path):
     # 8 layers of width 512: 25 M parameters, 100 MB in fp32 — large enough to see a copy.
     config = dinov3_config("test")
@@ -116,19 +135,15 @@ def test_a_teacher_loads_in_bf16_without_an_fp32_copy(tmp_path):
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     fp32_bytes = sum(t.numel() * 4 for t in state.values())
     export = write_hf_export(model, state, tmp_path / "teacher", image_mean=(0.5,) * 3, image_std=(0.25,) * 3)
-    del model, state
 
-    normalize = Normalize(mean=(0.5,) * 3, std=(0.25,) * 3)
-    # Tensors above 64 KiB get pages of their own, returned when freed: private memory then follows the
-    # tensors alive instead of reusing heap the suite freed earlier (glibc's mallopt, M_MMAP_THRESHOLD).
-    ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)
-    with PeakAnonymousMemory() as bf16_peak:
-        teacher = FrozenTeacher.load(export, input_normalize=normalize, device=torch.device("cpu"),
-                                     dtype=torch.bfloat16)
-    assert {p.dtype for p in teacher.model.parameters()} == {torch.bfloat16}
+    result = subprocess.run([sys.executable, "-c", _TEACHER_PROBE, str(export)], cwd=REPO / "tests",
+                            env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    probe = json.loads(result.stdout.strip().splitlines()[-1])
+    assert probe["dtypes"] == ["torch.bfloat16"]
     # The process's private memory grew by the bf16 weights (half the fp32 size) and no more: no
     # fp32 tensor of the model was ever allocated (the file is read through a shared mapping).
-    assert 0.45 * fp32_bytes < bf16_peak.growth < 0.7 * fp32_bytes, (bf16_peak.growth, fp32_bytes)
+    assert 0.45 * fp32_bytes < probe["growth"] < 0.7 * fp32_bytes, (probe["growth"], fp32_bytes)
 
 
 @pytest.mark.slow
