@@ -34,9 +34,9 @@ from mapsage_ds.evaluation.protocol import EnsembleMember
 from mapsage_ds.evaluation.report import read_report
 from mapsage_ds.files import write_json, write_text_atomic
 from mapsage_ds.runtime.network import free_port
-from mapsage_ds.tracks.launch import eval_args, evaluation_overrides, launch_command, run_to_end
+from mapsage_ds.tracks.launch import eval_args, launch_command, run_to_end, train_args
 from mapsage_ds.tracks.plan_spec import PlanConfig
-from mapsage_ds.tracks.runner import TrackRunner, error_line
+from mapsage_ds.tracks.runner import TrackRunner, error_line, read_track_status
 from mapsage_ds.tracks.spec import TrackEvaluation, TrackSpec
 from mapsage_ds.tracks.stability import instability, read_metrics
 from mapsage_ds.training.run_dir import OwnedRunDirectory, claim_output_dir
@@ -154,6 +154,11 @@ class PlanRunner:
         self.say(f"  $ {' '.join(launch.command)}  (log: {log})")
         return run_to_end(launch, log, poll_seconds=self.poll_seconds)
 
+    def _track_runner(self, tracks: list[TrackSpec], directory: Path) -> TrackRunner:
+        """The tracks runner of ``tracks`` into ``directory``, with the plan's protocol, launcher and cards' device."""
+        return TrackRunner(self.plan.tracks_config(tracks, output_dir=directory), accelerator=self.accelerator,
+                           python=self.python, poll_seconds=self.poll_seconds)
+
     def _evaluate(self, name: str, *, model: str | None, protocol: TrackEvaluation, data_root: str,
                   extra: list[str] = ()) -> dict[str, Any]:
         """``mapsage-evaluate`` of ``model`` (None: the protocol's ensemble) into ``output_dir/name``.
@@ -178,18 +183,15 @@ class PlanRunner:
             return "skipped", "health.enabled is false", {}
         first = self.plan.tracks[0]
         own = health.recipe is not None or health.config is not None
-        recipe, config = (health.recipe, health.config) if own else (first.recipe, first.config)
-        overrides = ([] if own else list(first.overrides)) + list(health.overrides)
-        if self.plan.evaluation.apply_to_validation:
-            overrides = evaluation_overrides(self.plan.evaluation) + overrides
+        # The run the checks look at, built as a track's training command is (evaluation overrides included).
+        checked = TrackSpec(name="health", recipe=health.recipe, config=health.config,
+                            overrides=list(health.overrides)) if own else \
+            TrackSpec(name="health", recipe=first.recipe, config=first.config,
+                      overrides=[*first.overrides, *health.overrides], data_root=first.data_root)
         directory = self.root / "health"
-        args = ([] if recipe is None else ["--recipe", recipe]) + ([] if config is None else ["--config", config])
-        for override in overrides:
-            args += ["--set", override]
-        data_root = (None if own else first.data_root) or self.plan.data_root
-        args += ([] if data_root is None else ["--data-root", data_root])
-        args += ["--output-dir", str(directory / "run"), "--report", str(directory / "health_check.json"),
-                 "--final-eval", str(self.root / PLAN_COPY), *health.args]
+        args = train_args(checked, self.plan.tracks_config(output_dir=self.root / "tracks"), directory / "run")
+        args += ["--report", str(directory / "health_check.json"), "--final-eval", str(self.root / PLAN_COPY),
+                 *health.args]
         code, _ = self._run_command("health", args, directory / "health.log")
         report_path = directory / "health_check.json"
         report = json.loads(report_path.read_text()) if report_path.is_file() else {}
@@ -204,9 +206,7 @@ class PlanRunner:
 
     def _phase_tracks(self) -> tuple[str, str, dict]:
         directory = self.root / "tracks"
-        runner = TrackRunner(self.plan.tracks_config(output_dir=directory), accelerator=self.accelerator,
-                             python=self.python, poll_seconds=self.poll_seconds)
-        data = runner.run(resume=directory.is_dir())
+        data = self._track_runner(self.plan.tracks, directory).run(resume=directory.is_dir())
         rows = [_track_row(row, self.plan.evaluation.weights) for row in data["tracks"]]
         ok = [row for row in rows if row["status"] == "ok"]
         if not ok:
@@ -233,8 +233,8 @@ class PlanRunner:
                                   f"{distill.weights}/ weights to distil from ({weights})")
             result.update(mode="distill", reasons=reasons, teacher=distill.teacher_track, teacher_weights=str(weights),
                           why=f"direct fine-tuning of {distill.teacher_track} was unstable: {'; '.join(reasons)}")
-        elif self.plan.track(champion["name"]).phase2_recipe is not None:
-            result.update(mode="finetune", recipe=self.plan.track(champion["name"]).phase2_recipe,
+        elif (recipe := self.plan.track(champion["name"]).phase2_recipe) is not None:
+            result.update(mode="finetune", recipe=recipe,
                           why=f"{champion['name']} leads with mIoU {champion['miou']:.4f}")
         else:
             result["why"] = f"track {champion['name']} has no phase2_recipe"
@@ -244,10 +244,9 @@ class PlanRunner:
         return "done", f"{champion['name']} (mIoU {champion['miou']:.4f}); {phase2}: {result['why']}", result
 
     def _teacher_instability(self) -> list[str]:
-        name = self.plan.phase2.distill.teacher_track
-        directory = self.root / "tracks" / name
-        status = json.loads((directory / "status.json").read_text()) if (directory / "status.json").is_file() else {}
-        return instability(status, read_metrics(directory / "run"), self.plan.phase2.distill.unstable_when)
+        directory = self.root / "tracks" / self.plan.phase2.distill.teacher_track
+        return instability(read_track_status(directory), read_metrics(directory / "run"),
+                           self.plan.phase2.distill.unstable_when)
 
     def _phase_phase2(self) -> tuple[str, str, dict]:
         decision = self._result("champion")
@@ -255,9 +254,7 @@ class PlanRunner:
             return "skipped", decision["why"], {}
         directory = self.root / "phase2"
         track = self._phase2_track(decision)
-        runner = TrackRunner(self.plan.tracks_config([track], output_dir=directory), accelerator=self.accelerator,
-                             python=self.python, poll_seconds=self.poll_seconds)
-        data = runner.run(resume=(directory / track.name).is_dir())
+        data = self._track_runner([track], directory).run(resume=(directory / track.name).is_dir())
         row = _track_row(data["tracks"][0], self.plan.evaluation.weights)
         if row["status"] != "ok":
             raise PhaseFailed(f"phase 2 ({track.name}) failed in {row['failed_phase']}: {row['error']} "

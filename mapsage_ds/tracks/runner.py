@@ -48,6 +48,7 @@ from mapsage_ds.tracks.spec import TracksConfig, TrackSpec
 from mapsage_ds.training.run_dir import RUN_MARKER
 
 _LOG_TAIL = 2000
+STATUS_FILE = "status.json"
 
 
 @dataclass
@@ -138,8 +139,7 @@ class TrackRunner:
     def _continue(self, track: TrackSpec, jobs: dict) -> None:
         """Keep, evaluate or resume what an earlier attempt left of ``track``."""
         directory = self.track_dir(track)
-        previous = json.loads((directory / "status.json").read_text()) if (directory / "status.json").is_file() \
-            else {}
+        previous = read_track_status(directory)
         if previous.get("status") == "ok" and (directory / "eval").is_dir():
             self.statuses[track.name] = TrackStatus(**previous)
             return
@@ -228,14 +228,12 @@ class TrackRunner:
         self._save(track)
 
     def _save(self, track: TrackSpec) -> None:
-        path = self.track_dir(track) / "status.json"
-        write_json(path, asdict(self.statuses[track.name]))
+        write_json(self.track_dir(track) / STATUS_FILE, asdict(self.statuses[track.name]))
 
     def _restore_timings(self, track: TrackSpec) -> None:
         """Keep the training facts of an earlier run when only the leaderboard is rebuilt."""
-        path = self.track_dir(track) / "status.json"
-        if path.is_file():
-            previous = json.loads(path.read_text())
+        previous = read_track_status(self.track_dir(track))
+        if previous:
             status = self.statuses[track.name]
             status.train_wall_s, status.train_command = previous.get("train_wall_s"), previous.get("train_command")
             status.master_port = previous.get("master_port")
@@ -274,6 +272,12 @@ class TrackRunner:
         (self.root / "leaderboard.md").write_text(leaderboard_text(rows, evaluation,
                                                                    [Path(r["report"]) for r in rows if "report" in r]))
         return data
+
+
+def read_track_status(directory: Path) -> dict[str, Any]:
+    """The ``status.json`` an earlier run left in a track's directory (empty when there is none)."""
+    path = directory / STATUS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 # A command's own report of a MapSageError ("error: ...", "[rank N] error: ...", see mapsage_ds.cli), or the

@@ -133,9 +133,9 @@ def claim_output_dir(path: str | Path, *, resume: bool, overwrite: bool,
         if stale:
             owned.notes.append(stale)
         run_id = read_run_id(path)
-        outputs = [name for name in dict.fromkeys((*outputs, RUN_MARKER)) if (path / name).exists()]
+        present = [name for name in dict.fromkeys((*outputs, RUN_MARKER)) if (path / name).exists()]
         if resume:
-            if run_id is None and not outputs:
+            if run_id is None and not present:
                 raise OutputDirectoryError(f"--resume: no checkpoint in {path}: no run was started there")
             if run_id is None:
                 raise OutputDirectoryError(
@@ -143,16 +143,16 @@ def claim_output_dir(path: str | Path, *, resume: bool, overwrite: bool,
                     f"for resuming; start a fresh run (to start from weights, set model.pretrained)")
             owned.run_id = run_id
             return owned
-        if outputs and not overwrite:
+        if present and not overwrite:
             what = f"run {run_id}" if run_id else "another run's outputs"
             raise OutputDirectoryError(
-                f"output_dir {path} already holds {what} ({', '.join(outputs)}): pass --resume to continue it, "
+                f"output_dir {path} already holds {what} ({', '.join(present)}): pass --resume to continue it, "
                 f"--overwrite to replace it, or another --output-dir")
-        for name in outputs:
+        for name in present:
             target = path / name
             shutil.rmtree(target) if target.is_dir() else target.unlink()
-        if outputs:
-            owned.notes.append(f"--overwrite: removed the previous run's {', '.join(outputs)} from {path}")
+        if present:
+            owned.notes.append(f"--overwrite: removed the previous run's {', '.join(present)} from {path}")
         owned.run_id = uuid.uuid4().hex
         write_json(path / RUN_MARKER, {"run_id": owned.run_id, "created": _now(), "host": socket.gethostname()})
         return owned
